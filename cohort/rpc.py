@@ -8,7 +8,8 @@ Wire format (every frame)::
     response body: [1, request_id, ok, result]        # ok=False -> result = [code, message]
 
 One connection carries any number of requests in flight; responses come back in any
-order and are matched by ``request_id``.  A method handler is an ``async`` callable that
+order and are matched by ``request_id``.  A request with ``request_id`` 0 is a one-way
+notification (:meth:`RpcClient.notify`): handled in order, never answered.  A method handler is an ``async`` callable that
 takes the decoded ``params`` and returns something msgpack can encode.  A handler that
 raises :class:`RpcError` sends that code and message back; any other exception becomes
 ``code="Internal"`` (and is logged by the server, never swallowed silently).
@@ -133,6 +134,11 @@ class RpcServer:
                     log.warning("dropping malformed rpc frame")
                     return
                 _, rid, method, params = frame
+                if rid == 0:
+                    # one-way notification (RpcClient.notify): run inline, in arrival
+                    # order, no response; the handler must not block for long.
+                    await self._notify(method, params)
+                    continue
                 task = asyncio.create_task(self._dispatch(writer, rid, method, params))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
@@ -141,6 +147,16 @@ class RpcServer:
         finally:
             self._conns.discard(writer)
             writer.close()
+
+    async def _notify(self, method: str, params: Any) -> None:
+        handler = self.handlers.get(method)
+        if handler is None:
+            log.warning("dropping notification for unknown rpc method %r", method)
+            return
+        try:
+            await handler(params)
+        except Exception:
+            log.exception("rpc notification handler %s failed", method)
 
     async def _dispatch(
         self, writer: asyncio.StreamWriter, rid: int, method: str, params: Any
@@ -265,6 +281,24 @@ class RpcClient:
             raise RpcTimeout(f"{method} to {self.address} timed out after {timeout}s") from None
         finally:
             self._pending.pop(rid, None)
+
+    async def notify(self, method: str, params: Any = None) -> None:
+        """Send a one-way notification: no response, no request id (frame id 0).
+
+        Notifications from one client are handled by the server in the order sent
+        (inline, not in parallel tasks).  Raises :class:`RpcConnectionError` if the
+        connection cannot be made; delivery is not confirmed.
+        """
+        writer = await self._ensure_connected()
+        writer.write(encode_frame([_REQUEST, 0, method, params]))
+
+    def notify_nowait(self, method: str, params: Any = None) -> bool:
+        """Like :meth:`notify` on an already open connection; False if not connected."""
+        writer = self._writer
+        if writer is None or writer.is_closing():
+            return False
+        writer.write(encode_frame([_REQUEST, 0, method, params]))
+        return True
 
     async def close(self) -> None:
         self._closed = True
