@@ -21,7 +21,7 @@ from __future__ import annotations
 from typing import Final
 from xml.sax.saxutils import escape
 
-__all__ = ["ERROR_TABLE", "S3Error", "error_status"]
+__all__ = ["ERROR_TABLE", "S3Error", "error_status", "xml_text"]
 
 #: code -> (HTTP status, default message).  Messages follow what AWS S3 sends so that
 #: SDKs and humans reading logs see familiar text.
@@ -171,7 +171,8 @@ def error_status(code: str) -> int:
     return entry[0] if entry is not None else 500
 
 
-def _xml_text(value: str) -> str:
+def xml_text(value: str) -> str:
+    """Escape ``value`` for XML character data (invalid XML 1.0 chars -> U+FFFD)."""
     # XML 1.0 cannot carry most C0 controls even escaped; S3 keys may contain them, so
     # replace rather than produce a document clients cannot parse.
     cleaned = "".join(
@@ -216,15 +217,15 @@ class S3Error(Exception):
         """The ``<Error>`` document S3 sends, as UTF-8 bytes."""
         parts = [
             '<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>',
-            _xml_text(self.code),
+            xml_text(self.code),
             "</Code><Message>",
-            _xml_text(self.message),
+            xml_text(self.message),
             "</Message>",
         ]
         for name, value in self.extra.items():
-            parts.append(f"<{name}>{_xml_text(value)}</{name}>")
+            parts.append(f"<{name}>{xml_text(value)}</{name}>")
         if self.resource:
-            parts.append(f"<Resource>{_xml_text(self.resource)}</Resource>")
-        parts.append(f"<RequestId>{_xml_text(request_id)}</RequestId>")
-        parts.append(f"<HostId>{_xml_text(request_id)}</HostId></Error>")
+            parts.append(f"<Resource>{xml_text(self.resource)}</Resource>")
+        parts.append(f"<RequestId>{xml_text(request_id)}</RequestId>")
+        parts.append(f"<HostId>{xml_text(request_id)}</HostId></Error>")
         return "".join(parts).encode("utf-8")
