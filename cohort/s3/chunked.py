@@ -44,6 +44,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Final, Protocol
 
 from cohort.s3.errors import S3Error
@@ -52,13 +53,17 @@ from cohort.s3.sigv4 import (
     STREAMING_SIGNED,
     STREAMING_SIGNED_TRAILER,
     STREAMING_UNSIGNED_TRAILER,
+    derive_signing_key,
 )
 
 __all__ = [
     "AwsChunkedDecoder",
+    "ChunkContext",
     "ChunkSigningContext",
+    "chunk_context_from_signed_headers",
     "chunk_string_to_sign",
     "encode_aws_chunked",
+    "split_content_encoding",
     "trailer_string_to_sign",
 ]
 
@@ -185,12 +190,12 @@ class AwsChunkedDecoder:
                 if self._crlf_seen == 2:
                     self._state = _HEADER
             elif state in (_HEADER, _TRAILER):
-                idx = data.find(b"\n", pos)
-                end = n if idx < 0 else idx + 1
+                idx = data.find(b"\n", pos, pos + MAX_LINE + 1)
+                end = min(n, pos + MAX_LINE + 1) if idx < 0 else idx + 1
+                if len(self._line) + (end - pos) > MAX_LINE:
+                    raise _malformed("header line too long")
                 self._line += data[pos:end]
                 pos = end
-                if len(self._line) > MAX_LINE:
-                    raise _malformed("header line too long")
                 if idx < 0:
                     break
                 line = bytes(self._line)
@@ -317,6 +322,51 @@ class AwsChunkedDecoder:
                 "x-amz-decoded-content-length HTTP header.",
             )
         return dict(self._trailers)
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkContext:
+    """A concrete :class:`ChunkSigningContext` (client side)."""
+
+    signing_key: bytes
+    scope: str
+    timestamp: str
+    seed_signature: str
+
+
+def chunk_context_from_signed_headers(
+    headers: Mapping[str, str], secret_key: str
+) -> ChunkContext:
+    """Chunk-signing context for a request signed by :func:`cohort.s3.sigv4.sign_request`.
+
+    ``headers`` must hold its ``Authorization`` and ``x-amz-date``; the request's
+    x-amz-content-sha256 must be a STREAMING-AWS4-HMAC-SHA256-PAYLOAD[-TRAILER] mode.
+    """
+    lower = {k.lower(): v for k, v in headers.items()}
+    auth = lower["authorization"]
+    fields = dict(
+        part.strip().split("=", 1) for part in auth.split(" ", 1)[1].split(",") if "=" in part
+    )
+    _, date, region, service, terminal = fields["Credential"].rsplit("/", 4)
+    return ChunkContext(
+        signing_key=derive_signing_key(secret_key, date, region, service),
+        scope=f"{date}/{region}/{service}/{terminal}",
+        timestamp=lower["x-amz-date"],
+        seed_signature=fields["Signature"],
+    )
+
+
+def split_content_encoding(value: str | None) -> tuple[bool, str | None]:
+    """(is aws-chunked, remaining Content-Encoding to store or None).
+
+    ``aws-chunked`` may be combined with other codings (``aws-chunked,gzip``); S3 strips
+    it and stores the rest.
+    """
+    if value is None:
+        return False, None
+    codings = [c.strip() for c in value.split(",") if c.strip()]
+    rest = [c for c in codings if c.lower() != "aws-chunked"]
+    return len(rest) != len(codings), ",".join(rest) or None
 
 
 def encode_aws_chunked(

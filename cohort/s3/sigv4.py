@@ -67,6 +67,7 @@ __all__ = [
     "AuthResult",
     "canonical_query",
     "canonical_request",
+    "check_payload_sha256",
     "derive_signing_key",
     "has_auth",
     "presign_url",
@@ -350,6 +351,13 @@ def verify(
     qdict = {k: v for k, v in query}
     presigned = auth_header is None and ("X-Amz-Algorithm" in qdict or "X-Amz-Signature" in qdict)
 
+    if auth_header is not None and ("X-Amz-Algorithm" in qdict or "X-Amz-Signature" in qdict):
+        raise S3Error(
+            "InvalidArgument",
+            "Only one auth mechanism allowed; only the X-Amz-Algorithm query parameter, "
+            "Signature query string parameter or the Authorization header should be specified",
+            extra={"ArgumentName": "Authorization", "ArgumentValue": auth_header},
+        )
     if auth_header is not None:
         code = "AuthorizationHeaderMalformed"
         credential, signed_headers, signature = _parse_auth_header(auth_header)
@@ -488,6 +496,22 @@ def verify(
         signed_headers=tuple(signed_headers),
         presigned=presigned,
     )
+
+
+def check_payload_sha256(auth: AuthResult, computed_hex: str) -> None:
+    """Raise XAmzContentSHA256Mismatch if the body's SHA-256 differs from the signed one.
+
+    No-op for UNSIGNED-PAYLOAD and the streaming modes (chunk signatures cover those).
+    """
+    expected = auth.payload_sha256
+    if expected is not None and not hmac.compare_digest(expected, computed_hex.lower()):
+        raise S3Error(
+            "XAmzContentSHA256Mismatch",
+            extra={
+                "ClientComputedContentSHA256": expected,
+                "S3ComputedContentSHA256": computed_hex.lower(),
+            },
+        )
 
 
 def _date_header_as_amz(value: str | None) -> str:

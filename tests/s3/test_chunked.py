@@ -211,3 +211,43 @@ def test_split_invariance(
         prev = p
     assert b"".join(out) == payload
     assert dec.finish() == (trailers or {})
+
+
+def test_client_streaming_upload_end_to_end() -> None:
+    from cohort.s3.chunked import chunk_context_from_signed_headers
+
+    payload = [b"p" * 8192, b"q" * 8192, b"r" * 10]
+    data = b"".join(payload)
+    req_headers = {
+        "Content-Encoding": "aws-chunked",
+        "x-amz-decoded-content-length": str(len(data)),
+        "x-amz-trailer": "x-amz-checksum-crc32",
+    }
+    signed = sigv4.sign_request("PUT", "http://h:9000/b/k", req_headers,
+                                sigv4.STREAMING_SIGNED_TRAILER, AK, SK, "us-east-1")
+    ctx = chunk_context_from_signed_headers(signed, SK)
+    body = b"".join(encode_aws_chunked(payload, ctx, {"x-amz-checksum-crc32": _crc32_b64(data)}))
+    auth = sigv4.verify("PUT", "/b/k", [], {**req_headers, **signed}, secret_for)
+    assert auth.seed_signature == ctx.seed_signature
+    dec = AwsChunkedDecoder(auth, auth.payload_mode, decoded_length=len(data))
+    assert decode_all(dec, body, 4096) == data
+    assert dec.finish()["x-amz-checksum-crc32"] == _crc32_b64(data)
+
+
+def test_split_content_encoding() -> None:
+    from cohort.s3.chunked import split_content_encoding
+
+    assert split_content_encoding(None) == (False, None)
+    assert split_content_encoding("aws-chunked") == (True, None)
+    assert split_content_encoding("aws-chunked, gzip") == (True, "gzip")
+    assert split_content_encoding("gzip") == (False, "gzip")
+
+
+def test_long_line_rejected_without_buffering() -> None:
+    dec = AwsChunkedDecoder(None, sigv4.STREAMING_UNSIGNED_TRAILER)
+    with pytest.raises(S3Error):
+        dec.feed(b"a" * 1_000_000)
+    dec = AwsChunkedDecoder(None, sigv4.STREAMING_UNSIGNED_TRAILER)
+    dec.feed(b"1" * 4000)
+    with pytest.raises(S3Error):
+        dec.feed(b"1" * 200)

@@ -347,3 +347,20 @@ def test_presign_limits() -> None:
     assert ei.value.code == "AccessDenied"
     with pytest.raises(ValueError):
         sigv4.presign_url("GET", "http://h/b/k", AK, SK, "us-east-1", 604801)
+
+
+def test_check_payload_sha256_and_double_auth() -> None:
+    now = datetime(2024, 1, 1, tzinfo=UTC)
+    body = b"abc"
+    digest = hashlib.sha256(body).hexdigest()
+    hdrs = {"host": "h", **sigv4.sign_request("PUT", "http://h/b/k", {}, digest, AK, SK, "r",
+                                              now=now)}
+    r = sigv4.verify("PUT", "/b/k", [], hdrs, secret_for, now=now)
+    sigv4.check_payload_sha256(r, digest)
+    with pytest.raises(S3Error) as ei:
+        sigv4.check_payload_sha256(r, hashlib.sha256(b"abd").hexdigest())
+    assert ei.value.code == "XAmzContentSHA256Mismatch"
+    with pytest.raises(S3Error) as ei:
+        sigv4.verify("PUT", "/b/k", [("X-Amz-Algorithm", "AWS4-HMAC-SHA256")], hdrs, secret_for,
+                     now=now)
+    assert ei.value.code == "InvalidArgument"
