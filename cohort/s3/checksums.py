@@ -14,6 +14,7 @@ base64 of it (:meth:`Hasher.b64digest`).
   InvalidRequest for malformed values).  ``ChecksumRequest.new_set()`` builds the
   hashers to run over the body; ``ChecksumRequest.verify(set, trailers)`` checks the
   results (BadDigest on mismatch) and returns the verified ``{alg: base64}`` to store.
+* :func:`multipart_etag` and :func:`composite_checksum` for CompleteMultipartUpload.
 
 CRC64NVME uses ``awscrt`` when importable (C, fast) and otherwise a table-driven pure
 Python implementation (reflected polynomial 0x9a6c9329ac4bc9b5, i.e. 0xad93d23594c93659
@@ -49,7 +50,9 @@ __all__ = [
     "ChecksumRequest",
     "ChecksumSet",
     "Hasher",
+    "composite_checksum",
     "crc64nvme",
+    "multipart_etag",
     "new_hasher",
     "parse_checksum_headers",
 ]
@@ -372,3 +375,27 @@ def parse_checksum_headers(headers: Mapping[str, str]) -> ChecksumRequest:
             raise S3Error("InvalidRequest", "Value for x-amz-checksum-type header is invalid.")
         req.checksum_type = ct
     return req
+
+
+# --------------------------------------------------------------------------- multipart
+
+
+def multipart_etag(part_md5s: Iterable[bytes]) -> str:
+    """S3's multipart ETag (unquoted): ``hex(md5(md5_1 || ... || md5_n))-n``.
+
+    ``part_md5s`` are the raw 16-byte MD5 digests of the parts, in part order.
+    """
+    digests = list(part_md5s)
+    h = hashlib.md5(b"".join(digests), usedforsecurity=False)
+    return f"{h.hexdigest()}-{len(digests)}"
+
+
+def composite_checksum(algorithm: str, part_checksums_b64: Iterable[str]) -> str:
+    """COMPOSITE multipart checksum: ``b64(alg(raw_1 || ... || raw_n))-n``.
+
+    ``part_checksums_b64`` are the parts' base64 checksums of ``algorithm``, in order.
+    """
+    raws = [base64.b64decode(v) for v in part_checksums_b64]
+    h = new_hasher(algorithm)
+    h.update(b"".join(raws))
+    return f"{h.b64digest()}-{len(raws)}"

@@ -15,6 +15,9 @@
   If-Unmodified-Since with RFC 7232 section 6 precedence (which is also what S3
   documents): returns ``None`` (proceed), ``304`` or ``412``.  :func:`check_conditions`
   raises the matching S3Error (NotModified / PreconditionFailed) instead.
+* Request bits: :func:`parse_int_param`, :func:`parse_part_number`,
+  :func:`parse_copy_source`, :func:`parse_copy_source_range`,
+  :func:`extract_user_metadata` (2 KiB limit), :func:`bucket_from_host`.
 * :func:`format_http_date` / :func:`parse_http_date` (IMF-fixdate out; IMF-fixdate,
   RFC 850 and asctime in) and :func:`format_iso8601` (``2024-01-02T03:04:05.678Z``).
 
@@ -25,22 +28,30 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from email.utils import format_datetime, parsedate_to_datetime
 from typing import Final
+from urllib.parse import parse_qs, unquote
 
 from cohort.s3.errors import S3Error
 
 __all__ = [
     "MAX_KEY_BYTES",
+    "MAX_USER_METADATA",
+    "bucket_from_host",
     "check_conditions",
     "content_range",
     "etag_matches",
     "evaluate_conditions",
+    "extract_user_metadata",
     "format_http_date",
     "format_iso8601",
+    "parse_copy_source",
+    "parse_copy_source_range",
     "parse_http_date",
+    "parse_int_param",
+    "parse_part_number",
     "parse_range",
     "quote_etag",
     "validate_bucket_name",
@@ -298,3 +309,135 @@ def check_conditions(
             err.headers["Last-Modified"] = format_http_date(last_modified)
         raise err
     raise S3Error("PreconditionFailed", extra={"Condition": condition})
+
+
+# --------------------------------------------------------------------------- misc request bits
+
+MAX_USER_METADATA: Final = 2048
+
+
+def parse_int_param(
+    value: str | None,
+    name: str,
+    *,
+    default: int,
+    minimum: int = 0,
+    maximum: int | None = None,
+    clamp: bool = True,
+) -> int:
+    """Integer query parameter (max-keys, part-number-marker...).
+
+    Non-integers and values below ``minimum`` raise InvalidArgument; values above
+    ``maximum`` are clamped (S3 caps max-keys at 1000 silently) unless ``clamp`` is false.
+    """
+    if value is None or value == "":
+        return default
+    try:
+        n = int(value.strip())
+    except ValueError:
+        raise S3Error(
+            "InvalidArgument",
+            f"Provided {name} not an integer or within integer range",
+            extra={"ArgumentName": name, "ArgumentValue": value},
+        ) from None
+    if n < minimum or (maximum is not None and n > maximum and not clamp):
+        raise S3Error(
+            "InvalidArgument",
+            f"Argument {name} must be an integer between {minimum} and {maximum}"
+            if maximum is not None
+            else f"Argument {name} must be an integer >= {minimum}",
+            extra={"ArgumentName": name, "ArgumentValue": value},
+        )
+    return min(n, maximum) if maximum is not None else n
+
+
+def parse_part_number(value: str | None) -> int:
+    """``partNumber`` for UploadPart: 1..10000, else InvalidArgument."""
+    if value is None:
+        raise S3Error("InvalidArgument", "partNumber is required",
+                      extra={"ArgumentName": "partNumber", "ArgumentValue": ""})
+    return parse_int_param(value, "partNumber", default=0, minimum=1, maximum=10000, clamp=False)
+
+
+def parse_copy_source(value: str) -> tuple[str, str, str | None]:
+    """``x-amz-copy-source`` -> (bucket, key, version_id or None).
+
+    Accepts ``bucket/key`` and ``/bucket/key``, URL-encoded, with an optional
+    ``?versionId=``.  Raises InvalidArgument when malformed.
+    """
+    raw, _, query = value.partition("?")
+    path = unquote(raw).lstrip("/")
+    bucket, sep, key = path.partition("/")
+    if not bucket or not sep or not key:
+        raise S3Error(
+            "InvalidArgument",
+            "Copy Source must mention the source bucket and key: sourcebucket/sourcekey",
+            extra={"ArgumentName": "x-amz-copy-source", "ArgumentValue": value},
+        )
+    version_id: str | None = None
+    if query:
+        versions = parse_qs(query, keep_blank_values=True).get("versionId")
+        if versions:
+            version_id = versions[0] or None
+    return bucket, key, version_id
+
+
+def parse_copy_source_range(value: str, size: int) -> tuple[int, int]:
+    """``x-amz-copy-source-range: bytes=a-b`` (both bounds required) -> (start, end).
+
+    Syntax errors raise InvalidArgument; ranges past the source end raise InvalidRange
+    (copy ranges are never clamped).
+    """
+    m = re.fullmatch(r"bytes=(\d+)-(\d+)", value.strip())
+    if m is None or int(m.group(2)) < int(m.group(1)):
+        raise S3Error(
+            "InvalidArgument",
+            "The x-amz-copy-source-range value must be of the form bytes=first-last where "
+            "first and last are the zero-based offsets of the first and last bytes to copy",
+            extra={"ArgumentName": "x-amz-copy-source-range", "ArgumentValue": value},
+        )
+    start, end = int(m.group(1)), int(m.group(2))
+    if end >= size:
+        raise S3Error(
+            "InvalidRange",
+            extra={"RangeRequested": value, "ActualObjectSize": str(size)},
+        )
+    return start, end
+
+
+def extract_user_metadata(headers: Mapping[str, str]) -> dict[str, str]:
+    """``x-amz-meta-*`` headers (names lower-cased, prefix kept); MetadataTooLarge over
+    2 KiB of names+values (UTF-8), as S3 limits user metadata."""
+    meta: dict[str, str] = {}
+    total = 0
+    for k, v in headers.items():
+        lk = k.lower()
+        if lk.startswith("x-amz-meta-"):
+            meta[lk] = f"{meta[lk]},{v}" if lk in meta else v
+    for k, v in meta.items():
+        total += len(k) - len("x-amz-meta-") + len(v.encode("utf-8"))
+    if total > MAX_USER_METADATA:
+        raise S3Error("MetadataTooLarge", extra={"Size": str(total),
+                                                 "MaxSizeAllowed": str(MAX_USER_METADATA)})
+    return meta
+
+
+def bucket_from_host(host: str | None, base_domains: Iterable[str]) -> str | None:
+    """Bucket name of a virtual-hosted-style request (``bkt.s3.example.com``), or None.
+
+    ``base_domains`` are the service's own host names (``s3.example.com``); the port is
+    ignored.  Returns None for path-style requests (host equal to a base domain or
+    unrelated).
+    """
+    if not host:
+        return None
+    h = host.strip().lower()
+    if h.startswith("["):  # IPv6 literal: never virtual-hosted
+        return None
+    h = h.rsplit(":", 1)[0] if ":" in h else h
+    for base in base_domains:
+        b = base.lower().rsplit(":", 1)[0]
+        if h.endswith("." + b):
+            bucket = h[: -len(b) - 1]
+            return bucket or None
+    return None

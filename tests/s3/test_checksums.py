@@ -143,3 +143,13 @@ def test_md5_mismatch_is_bad_digest() -> None:
     with pytest.raises(S3Error) as ei:
         req.verify(s)
     assert ei.value.code == "BadDigest" and ei.value.status == 400
+
+
+def test_multipart_etag_and_composite() -> None:
+    parts = [b"a" * 10, b"b" * 20]
+    md5s = [hashlib.md5(p).digest() for p in parts]
+    expected = hashlib.md5(b"".join(md5s)).hexdigest() + "-2"
+    assert checksums.multipart_etag(md5s) == expected
+    crcs = [_b64("CRC32", p) for p in parts]
+    raw = b"".join(base64.b64decode(c) for c in crcs)
+    assert checksums.composite_checksum("CRC32", crcs) == _b64("CRC32", raw) + "-2"

@@ -150,3 +150,55 @@ def test_dates() -> None:
     )
     assert names.format_iso8601(0) == "1970-01-01T00:00:00.000Z"
     assert names.quote_etag("abc") == '"abc"' and names.quote_etag('"abc"') == '"abc"'
+
+
+def test_int_params_and_part_number() -> None:
+    assert names.parse_int_param(None, "max-keys", default=1000, maximum=1000) == 1000
+    assert names.parse_int_param("5000", "max-keys", default=1000, maximum=1000) == 1000
+    assert names.parse_int_param("0", "max-keys", default=1000, maximum=1000) == 0
+    for bad in ("-1", "x", "1.5"):
+        with pytest.raises(S3Error) as ei:
+            names.parse_int_param(bad, "max-keys", default=1000, maximum=1000)
+        assert ei.value.code == "InvalidArgument"
+    assert names.parse_part_number("10000") == 10000
+    for bad_p in ("0", "10001", "abc", None):
+        with pytest.raises(S3Error):
+            names.parse_part_number(bad_p)
+
+
+def test_copy_source() -> None:
+    assert names.parse_copy_source("/bkt/dir/a%20b") == ("bkt", "dir/a b", None)
+    assert names.parse_copy_source("bkt/k%3Fx?versionId=v1") == ("bkt", "k?x", "v1")
+    for bad in ("bkt", "/bkt/", "/"):
+        with pytest.raises(S3Error) as ei:
+            names.parse_copy_source(bad)
+        assert ei.value.code == "InvalidArgument"
+    assert names.parse_copy_source_range("bytes=0-9", 10) == (0, 9)
+    with pytest.raises(S3Error) as ei:
+        names.parse_copy_source_range("bytes=0-10", 10)
+    assert ei.value.code == "InvalidRange"
+    for bad in ("bytes=5-", "bytes=-5", "bytes=5-1", "0-1"):
+        with pytest.raises(S3Error) as ei:
+            names.parse_copy_source_range(bad, 10)
+        assert ei.value.code == "InvalidArgument"
+
+
+def test_user_metadata() -> None:
+    meta = names.extract_user_metadata({"X-Amz-Meta-Color": "red", "Content-Type": "x",
+                                        "x-amz-meta-n": "ü"})
+    assert meta == {"x-amz-meta-color": "red", "x-amz-meta-n": "ü"}
+    with pytest.raises(S3Error) as ei:
+        names.extract_user_metadata({"x-amz-meta-big": "x" * 2046})
+    assert ei.value.code == "MetadataTooLarge"
+    names.extract_user_metadata({"x-amz-meta-big": "x" * 2045})
+
+
+def test_bucket_from_host() -> None:
+    bases = ["s3.example.com", "localhost"]
+    assert names.bucket_from_host("bkt.s3.example.com", bases) == "bkt"
+    assert names.bucket_from_host("my.dotted.bkt.s3.example.com:9000", bases) == "my.dotted.bkt"
+    assert names.bucket_from_host("s3.example.com", bases) is None
+    assert names.bucket_from_host("bkt.localhost:8080", bases) == "bkt"
+    assert names.bucket_from_host("127.0.0.1:9000", bases) is None
+    assert names.bucket_from_host("[::1]:9000", bases) is None
+    assert names.bucket_from_host(None, bases) is None
