@@ -364,3 +364,28 @@ def test_check_payload_sha256_and_double_auth() -> None:
         sigv4.verify("PUT", "/b/k", [("X-Amz-Algorithm", "AWS4-HMAC-SHA256")], hdrs, secret_for,
                      now=now)
     assert ei.value.code == "InvalidArgument"
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_text = st.text(st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=20)
+
+
+@settings(max_examples=80, deadline=None)
+@given(key=_text, query=st.lists(st.tuples(_text, st.text(max_size=10)), max_size=4))
+def test_sign_verify_roundtrip_arbitrary(key: str, query: list[tuple[str, str]]) -> None:
+    from urllib.parse import urlencode
+
+    now = datetime(2024, 1, 1, tzinfo=UTC)
+    path = "/bkt/" + sigv4.uri_encode(key, encode_slash=False)
+    qs = urlencode(query, quote_via=lambda s, *a: sigv4.uri_encode(s))  # type: ignore[arg-type]
+    url = "http://h" + path + ("?" + qs if qs else "")
+    hdrs = sigv4.sign_request("GET", url, {}, sigv4.UNSIGNED_PAYLOAD, AK, SK, "r", now=now)
+    parts = urlsplit(url)
+    pairs = parse_qsl(parts.query, keep_blank_values=True)
+    assert sorted(pairs) == sorted(query)
+    sigv4.verify("GET", parts.path, pairs, hdrs, secret_for, now=now)
+    presigned = urlsplit(sigv4.presign_url("GET", url, AK, SK, "r", now=now))
+    sigv4.verify("GET", presigned.path, parse_qsl(presigned.query, keep_blank_values=True),
+                 {"host": "h"}, secret_for, now=now)

@@ -225,3 +225,17 @@ def test_copy_location_versioning() -> None:
     out = parse("GetBucketVersioning", xmlio.render_versioning("Enabled"))
     assert out["Status"] == "Enabled"
     assert "Status" not in parse("GetBucketVersioning", xmlio.render_versioning(None))
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=60, deadline=None)
+@given(keys=st.lists(st.text(st.characters(blacklist_categories=("Cs",)), min_size=1,
+                             max_size=30), max_size=5))
+def test_url_encoded_listing_roundtrips_any_key(keys: list[str]) -> None:
+    objs = [xmlio.ObjectInfo(k, T, "e", 1) for k in keys]
+    r = xmlio.ListObjectsResult(name="b", contents=objs, encoding_type="url")
+    out = parse("ListObjectsV2", xmlio.render_list_objects_v2(r))
+    assert [unquote_plus(c["Key"]) for c in out.get("Contents", [])] == keys
