@@ -307,9 +307,10 @@ class AwsChunkedDecoder:
         if self._failed:
             raise S3Error("InvalidArgument", "aws-chunked decoder already failed")
         if self._state != _DONE:
-            # Some SDKs omit the final CRLF after the trailers: accept a body that
-            # ended cleanly after at least one complete trailer line.
-            if self._state == _TRAILER and not self._line and (self._trailer_lines or self._trailer_sig):
+            # Some clients omit the final CRLF (after the trailers, or after the final
+            # zero-length chunk): accept a body that ended cleanly on a line boundary
+            # once the final chunk was seen; everything before it was verified.
+            if self._state == _TRAILER and not self._line:
                 self._complete_trailers()
                 self._state = _DONE
             else:
