@@ -260,6 +260,28 @@ class RpcClient:
                 if not fut.done():
                     fut.set_exception(RpcConnectionError(reason))
 
+    async def send(self, method: str, params: Any = None) -> tuple[int, asyncio.Future[Any]]:
+        """Send a request; returns its id and the future of its result (no timeout).
+
+        The caller must await the future or :meth:`forget` the id.
+        """
+        writer = await self._ensure_connected()
+        rid = next(self._ids)
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending[rid] = fut
+        try:
+            writer.write(encode_frame([_REQUEST, rid, method, params]))
+        except Exception:
+            self._pending.pop(rid, None)
+            raise
+        return rid, fut
+
+    def forget(self, rid: int) -> None:
+        """Stop waiting for request ``rid`` (a late response is dropped)."""
+        fut = self._pending.pop(rid, None)
+        if fut is not None and not fut.done():
+            fut.cancel()
+
     async def call(self, method: str, params: Any = None, *, timeout: float = 10.0) -> Any:
         """Call ``method`` remotely and return its result.
 

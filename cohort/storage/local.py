@@ -223,7 +223,9 @@ class LocalStore:
         for dirpath, dirnames, filenames in os.walk(start):
             rel = os.path.relpath(dirpath, self.root)
             rel = "" if rel == "." else rel + "/"
-            dirnames[:] = [d for d in dirnames if (rel + d + "/").startswith(prefix[: len(rel + d + "/")])]
+            dirnames[:] = [
+                d for d in dirnames if (rel + d + "/").startswith(prefix[: len(rel + d + "/")])
+            ]
             for name in filenames:
                 if name.endswith(_TMP_SUFFIX) or name == ".cohort-lock":
                     continue

@@ -1,0 +1,216 @@
+"""The ``cohort`` command line: start a local cluster, look at it, steer it.
+
+Why typer + rich: typer turns typed functions into a CLI with help and validation for
+free; rich renders tables and live views on terminals and plain text elsewhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Cohort: a clustered S3-compatible server (a multiserver used as a uniserver).",
+)
+console = Console()
+err = Console(stderr=True)
+
+DataDir = Annotated[Path, typer.Option("--data-dir", "-d", help="Cluster data directory.")]
+
+
+def fail(message: str, hint: str = "") -> None:
+    err.print(f"[bold red]error:[/] {message}")
+    if hint:
+        err.print(f"[dim]hint:[/] {hint}")
+    raise typer.Exit(2)
+
+
+def read_cluster_json(data_dir: Path) -> dict[str, Any]:
+    path = data_dir / "cluster.json"
+    if not path.exists():
+        fail(
+            f"no cluster description at {path}",
+            "start a cluster with `cohort up --data-dir DIR`, or pass --coordinator HOST:PORT",
+        )
+    doc: dict[str, Any] = json.loads(path.read_text())
+    return doc
+
+
+def coordinator_address(data_dir: Path, coordinator: str | None) -> str:
+    if coordinator:
+        return coordinator
+    return str(read_cluster_json(data_dir)["coordinator"])
+
+
+async def _view(address: str) -> dict[str, Any]:
+    from cohort.coord.client import RpcCoordinator
+    from cohort.rpc import RpcError
+
+    c = RpcCoordinator(address, timeout=3.0)
+    try:
+        return await c.view()
+    except RpcError as e:
+        fail(
+            f"cannot reach the coordinator at {address}: {e.message or e.code}",
+            "is the cluster running? `cohort up` starts one; check --coordinator",
+        )
+        raise
+    finally:
+        await c.close()
+
+
+@app.command()
+def up(
+    data_dir: DataDir = Path("./cohort-data"),
+    port: Annotated[int, typer.Option(help="S3 endpoint port.")] = 9000,
+    servers: Annotated[int, typer.Option(help="Number of middle-layer servers.")] = 3,
+    partitions: Annotated[int, typer.Option(help="Virtual partitions (fixed at creation).")] = 256,
+    lease_ttl: Annotated[float, typer.Option(help="Server lease, seconds.")] = 2.5,
+    host: Annotated[str, typer.Option(help="Address every process binds.")] = "127.0.0.1",
+) -> None:
+    """Start a whole local cluster: coordinator, servers and a director (Ctrl-C stops it)."""
+    from cohort.cluster import LocalCluster
+
+    cluster = LocalCluster(
+        data_dir, port=port, servers=servers, partitions=partitions, lease_ttl=lease_ttl, host=host
+    )
+    try:
+        cluster.start()
+    except OSError as e:
+        cluster.stop()
+        fail(f"cannot start the cluster: {e}", f"is port {port} free? try --port")
+    except RuntimeError as e:
+        cluster.stop()
+        fail(str(e), f"see the logs in {data_dir}/logs")
+    doc = json.loads(cluster.cluster_json.read_text())
+    console.print(f"[bold green]Cohort is up[/]  S3 endpoint: [bold]{doc['s3_endpoint']}[/]")
+    console.print(f"  access key: {doc['access_key']}")
+    console.print(f"  secret key: {doc['secret_key']}")
+    console.print(f"  region:     {doc['region']}")
+    console.print(f"  data:       {cluster.data_dir}   (cluster.json, logs/)")
+    for m in doc["members"]:
+        console.print(f"  {m['role']:<12} {m['id']:<12} {m['address']:<22} pid {m['pid']}")
+    console.print("Press Ctrl-C to stop.")
+    stopping = False
+
+    def on_signal(signum: int, frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    seen = time.time()
+    try:
+        while not stopping:
+            time.sleep(0.5)
+            for p in cluster.procs.values():
+                if not p.alive() and not stopping:
+                    console.print(
+                        f"[yellow]{p.id} exited (code {p.popen.poll() if p.popen else '?'})[/]"
+                    )
+                    p.popen = None
+            try:
+                events = asyncio.run(_events(cluster.coordinator_address))
+            except Exception:
+                continue
+            for e in events:
+                if e["time"] > seen:
+                    seen = e["time"]
+                    console.print(
+                        f"[dim]{time.strftime('%H:%M:%S', time.localtime(e['time']))}[/] "
+                        f"{e['kind']}: {e['detail']}"
+                    )
+    finally:
+        console.print("stopping…")
+        cluster.stop()
+        console.print("stopped.")
+
+
+async def _events(address: str) -> list[dict[str, Any]]:
+    from cohort.coord.client import RpcCoordinator
+
+    c = RpcCoordinator(address, timeout=1.0)
+    try:
+        return await c.events()
+    finally:
+        await c.close()
+
+
+@app.command()
+def status(
+    data_dir: DataDir = Path("./cohort-data"),
+    coordinator: Annotated[str | None, typer.Option(help="Coordinator HOST:PORT.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Members, their state and partition counts, read from the coordinator."""
+    addr = coordinator_address(data_dir, coordinator)
+    view = asyncio.run(_view(addr))
+    owners = Counter(p[0] for p in view["partitions"])
+    members = []
+    for m in view["members"]:
+        members.append(
+            {
+                "id": m["id"],
+                "role": m["role"],
+                "state": m["state"],
+                "address": m["address"],
+                "pid": m.get("pid", 0),
+                "partitions": owners.get(m["id"], 0) if m["role"] == "server" else None,
+            }
+        )
+    unowned = owners.get(None, 0)
+    live_servers = [m for m in members if m["role"] == "server" and m["state"] == "alive"]
+    verdict = "healthy" if unowned == 0 and live_servers else "degraded"
+    doc = {
+        "coordinator": addr,
+        "version": view["version"],
+        "verdict": verdict,
+        "partitions": len(view["partitions"]),
+        "unassigned_partitions": unowned,
+        "buckets": len(view["buckets"]),
+        "members": members,
+    }
+    if as_json:
+        print(json.dumps(doc, indent=2))
+        return
+    t = Table(title=f"Cohort cluster ({addr}, view v{view['version']})")
+    for col in ("role", "id", "state", "address", "pid", "partitions"):
+        t.add_column(col)
+    for m in sorted(members, key=lambda m: (m["role"], m["id"])):
+        style = {"alive": "green", "draining": "yellow"}.get(m["state"], "red")
+        t.add_row(
+            m["role"],
+            m["id"],
+            f"[{style}]{m['state']}[/]",
+            m["address"],
+            str(m["pid"]),
+            "" if m["partitions"] is None else str(m["partitions"]),
+        )
+    console.print(t)
+    console.print(
+        f"{len(view['partitions'])} partitions, {unowned} unassigned, "
+        f"{len(view['buckets'])} buckets — [bold]{verdict}[/]"
+    )
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

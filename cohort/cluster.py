@@ -1,0 +1,305 @@
+"""Start and manage a whole local cluster as real processes (``cohort up``, tests, benches).
+
+:class:`LocalCluster` starts one embedded coordinator, N middle-layer servers and M
+directors as separate Python processes talking over loopback TCP, all sharing one storage
+directory, and writes ``<data-dir>/cluster.json``::
+
+    {"s3_endpoint": "http://127.0.0.1:9000", "access_key": ..., "secret_key": ...,
+     "region": "us-east-1", "data_dir": ..., "storage": ...,
+     "members": [{"role": "coordinator"|"server"|"director", "id": ..., "address": ...,
+                  "pid": ..., "log": ...}, ...]}
+
+Each child prints ``READY host:port`` once it listens; the launcher waits for that line.
+Logs go to ``<data-dir>/logs/<id>.log`` as JSON lines.  Credentials are created on first
+start in ``<data-dir>/credentials.json`` (mode 0600) and reused afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import select
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+
+@dataclass
+class Proc:
+    role: str
+    id: str
+    args: list[str]
+    popen: subprocess.Popen[bytes] | None = None
+    address: str = ""
+    log: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid if self.popen is not None else 0
+
+    def alive(self) -> bool:
+        return self.popen is not None and self.popen.poll() is None
+
+
+def _read_ready(p: subprocess.Popen[bytes], what: str, timeout: float) -> str:
+    assert p.stdout is not None
+    out: IO[bytes] = p.stdout
+    deadline = time.monotonic() + timeout
+    buf = b""
+    while time.monotonic() < deadline:
+        r, _, _ = select.select([out], [], [], 0.1)
+        if r:
+            chunk = os.read(out.fileno(), 4096)
+            if not chunk:
+                break
+            buf += chunk
+            for line in buf.split(b"\n"):
+                if line.startswith(b"READY "):
+                    return line[6:].decode().strip()
+        if p.poll() is not None:
+            break
+    raise RuntimeError(f"{what} did not start (exit code {p.poll()}); output: {buf[-2000:]!r}")
+
+
+def load_credentials(data_dir: Path) -> dict[str, str]:
+    path = data_dir / "credentials.json"
+    if path.exists():
+        creds: dict[str, str] = json.loads(path.read_text())
+        return creds
+    creds = {
+        "access_key": os.environ.get("COHORT_ACCESS_KEY") or "CH" + secrets.token_hex(9).upper(),
+        "secret_key": os.environ.get("COHORT_SECRET_KEY") or secrets.token_urlsafe(30),
+        "region": "us-east-1",
+    }
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(creds, f)
+    return creds
+
+
+class LocalCluster:
+    def __init__(
+        self,
+        data_dir: str | os.PathLike[str],
+        *,
+        port: int = 9000,
+        servers: int = 3,
+        directors: int = 1,
+        partitions: int = 256,
+        lease_ttl: float = 2.5,
+        host: str = "127.0.0.1",
+        coordinator_port: int = 0,
+        extra_env: dict[str, str] | None = None,
+    ) -> None:
+        self.data_dir = Path(data_dir).resolve()
+        self.port = port
+        self.n_servers = servers
+        self.n_directors = directors
+        self.partitions = partitions
+        self.lease_ttl = lease_ttl
+        self.host = host
+        self.coordinator_port = coordinator_port
+        self.procs: dict[str, Proc] = {}
+        self.env = {**os.environ, **(extra_env or {})}
+        self.python = sys.executable
+
+    # -- paths --------------------------------------------------------------------------
+    @property
+    def storage(self) -> Path:
+        return self.data_dir / "storage"
+
+    @property
+    def cluster_json(self) -> Path:
+        return self.data_dir / "cluster.json"
+
+    @property
+    def coordinator_address(self) -> str:
+        return self.procs["coordinator"].address
+
+    @property
+    def s3_endpoint(self) -> str:
+        return f"http://{self.procs['director-1'].address}"
+
+    # -- start/stop -----------------------------------------------------------------------
+    def _spawn(self, proc: Proc, timeout: float = 30.0) -> None:
+        logs = self.data_dir / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        proc.log = str(logs / f"{proc.id}.log")
+        proc.popen = subprocess.Popen(
+            [self.python, "-m", *proc.args, "--log-file", proc.log],
+            stdout=subprocess.PIPE,
+            stderr=open(logs / f"{proc.id}.stderr", "ab"),  # noqa: SIM115 - owned by the child
+            stdin=subprocess.DEVNULL,
+            env=self.env,
+            start_new_session=True,  # Ctrl-C in a terminal reaches the launcher only
+        )
+        proc.address = _read_ready(proc.popen, proc.id, timeout)
+
+    def start(self) -> LocalCluster:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.storage.mkdir(exist_ok=True)
+        self.creds = load_credentials(self.data_dir)
+        coord = Proc(
+            "coordinator",
+            "coordinator",
+            [
+                "cohort.coord.embedded",
+                "--data-dir",
+                str(self.data_dir / "coordinator"),
+                "--host",
+                self.host,
+                "--port",
+                str(self.coordinator_port),
+                "--partitions",
+                str(self.partitions),
+                "--lease-ttl",
+                str(self.lease_ttl),
+            ],
+        )
+        self.procs[coord.id] = coord
+        self._spawn(coord)
+        for i in range(1, self.n_servers + 1):
+            self.add_server(f"server-{i}", write=False)
+        for i in range(1, self.n_directors + 1):
+            self._add_director(f"director-{i}", self.port if i == 1 else 0)
+        self.write_cluster_json()
+        return self
+
+    def add_server(self, sid: str, *, write: bool = True, capacity: float = 1.0) -> Proc:
+        proc = Proc(
+            "server",
+            sid,
+            [
+                "cohort.server.service",
+                "--id",
+                sid,
+                "--coordinator",
+                self.coordinator_address,
+                "--storage",
+                str(self.storage),
+                "--host",
+                self.host,
+                "--capacity",
+                str(capacity),
+            ],
+        )
+        self.procs[sid] = proc
+        self._spawn(proc)
+        if write:
+            self.write_cluster_json()
+        return proc
+
+    def _add_director(self, did: str, port: int) -> Proc:
+        proc = Proc(
+            "director",
+            did,
+            [
+                "cohort.director.service",
+                "--id",
+                did,
+                "--coordinator",
+                self.coordinator_address,
+                "--storage",
+                str(self.storage),
+                "--credentials",
+                str(self.data_dir / "credentials.json"),
+                "--host",
+                self.host,
+                "--port",
+                str(port),
+            ],
+        )
+        self.procs[did] = proc
+        self._spawn(proc)
+        return proc
+
+    def write_cluster_json(self) -> None:
+        doc = {
+            "s3_endpoint": self.s3_endpoint,
+            "access_key": self.creds["access_key"],
+            "secret_key": self.creds["secret_key"],
+            "region": self.creds.get("region", "us-east-1"),
+            "data_dir": str(self.data_dir),
+            "storage": str(self.storage),
+            "coordinator": self.coordinator_address,
+            "partitions": self.partitions,
+            "members": [
+                {"role": p.role, "id": p.id, "address": p.address, "pid": p.pid, "log": p.log}
+                for p in self.procs.values()
+            ],
+        }
+        tmp = self.cluster_json.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(doc, f, indent=2)
+        os.replace(tmp, self.cluster_json)
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """SIGTERM directors, then servers, then the coordinator; SIGKILL stragglers."""
+        order = [p for p in self.procs.values() if p.role == "director"]
+        order += [p for p in self.procs.values() if p.role == "server"]
+        order += [p for p in self.procs.values() if p.role == "coordinator"]
+        for group in (
+            [p for p in order if p.role == "director"],
+            [p for p in order if p.role == "server"],
+            [p for p in order if p.role == "coordinator"],
+        ):
+            for p in group:
+                if p.alive():
+                    with contextlib.suppress(ProcessLookupError):
+                        assert p.popen is not None
+                        os.kill(p.popen.pid, signal.SIGCONT)
+                        p.popen.terminate()
+            for p in group:
+                if p.popen is None:
+                    continue
+                try:
+                    p.popen.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    p.popen.kill()
+                    p.popen.wait()
+                if p.popen.stdout:
+                    p.popen.stdout.close()
+
+    # -- fault injection helpers (tests, chaos) ------------------------------------------
+    def signal(self, member_id: str, sig: int) -> None:
+        p = self.procs[member_id]
+        assert p.popen is not None
+        os.kill(p.popen.pid, sig)
+
+    def kill(self, member_id: str) -> None:
+        p = self.procs[member_id]
+        assert p.popen is not None
+        p.popen.kill()
+        p.popen.wait()
+
+    def restart(self, member_id: str) -> Proc:
+        p = self.procs[member_id]
+        if p.alive():
+            self.kill(member_id)
+        if p.popen is not None and p.popen.stdout:
+            p.popen.stdout.close()
+        if p.role in ("coordinator", "director"):
+            # come back on the same port, so clients and members find it again
+            idx = p.args.index("--port")
+            p.args[idx + 1] = p.address.rpartition(":")[2]
+        if p.role == "server":
+            # keep the same coordinator address
+            idx = p.args.index("--coordinator")
+            p.args[idx + 1] = self.coordinator_address
+        self._spawn(p)
+        self.write_cluster_json()
+        return p
+
+    def __enter__(self) -> LocalCluster:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

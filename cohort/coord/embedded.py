@@ -1,0 +1,235 @@
+"""The embedded coordinator: one process, state persisted in SQLite, served over RPC.
+
+Every change that a safety property depends on (membership, partition map, lock holders,
+buckets) is written to SQLite (``synchronous=FULL``) *before* the RPC that caused it
+returns, so a coordinator crash loses nothing that anybody acted on.  Lease expiry times
+are not persisted: after a restart every live member gets a fresh lease and must renew it,
+which can only delay (never hasten) declaring a member dead.
+
+RPC methods (params and results are msgpack maps): ``join``, ``heartbeat``, ``leave``,
+``view``, ``watch``, ``acquire_partition``, ``release_partition``, ``create_bucket``,
+``delete_bucket``, ``set_state``, ``events``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import sqlite3
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from cohort.coord.state import CoordinatorError, CoordinatorState
+from cohort.logs import setup_logging
+from cohort.rpc import RpcError, RpcServer
+
+log = logging.getLogger("cohort.coord")
+
+
+class SqlitePersistence:
+    def __init__(self, path: Path) -> None:
+        self.db = sqlite3.connect(path, isolation_level=None)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=FULL")
+        self.db.execute("CREATE TABLE IF NOT EXISTS state (id INTEGER PRIMARY KEY, snapshot BLOB)")
+
+    def load(self) -> dict[str, Any] | None:
+        row = self.db.execute("SELECT snapshot FROM state WHERE id = 1").fetchone()
+        if row is None:
+            return None
+        snap: dict[str, Any] = msgspec.msgpack.decode(row[0])
+        return snap
+
+    def save(self, snap: dict[str, Any]) -> None:
+        self.db.execute(
+            "INSERT OR REPLACE INTO state (id, snapshot) VALUES (1, ?)",
+            (msgspec.msgpack.encode(snap),),
+        )
+
+
+class EmbeddedCoordinator:
+    def __init__(self, data_dir: Path, *, partitions: int = 256, lease_ttl: float = 2.5) -> None:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        self.store = SqlitePersistence(data_dir / "coordinator.sqlite")
+        snap = self.store.load()
+        now = time.monotonic()
+        if snap is None:
+            self.state = CoordinatorState(partitions, lease_ttl)
+            self.store.save(self.state.snapshot())
+        else:
+            self.state = CoordinatorState.restore(snap, lease_ttl)
+            self.state.extend_all_leases(now)
+            log.info("restored coordinator state (version %d)", self.state.version)
+        self.persisted_version = self.state.version
+        self.changed = asyncio.Condition()
+        self.rpc = RpcServer()
+        handlers: dict[str, Callable[[Any], Awaitable[Any]]] = {
+            "join": self.join,
+            "heartbeat": self.heartbeat,
+            "leave": self.leave,
+            "view": self.view,
+            "watch": self.watch,
+            "acquire_partition": self.acquire_partition,
+            "release_partition": self.release_partition,
+            "create_bucket": self.create_bucket,
+            "delete_bucket": self.delete_bucket,
+            "set_state": self.set_state,
+            "events": self.events,
+        }
+        for name, h in handlers.items():
+            self.rpc.register(name, h)
+        self._tick_task: asyncio.Task[None] | None = None
+
+    async def start(self, host: str, port: int) -> int:
+        bound = await self.rpc.start(host, port)
+        self._tick_task = asyncio.create_task(self._tick_loop())
+        return bound
+
+    async def close(self) -> None:
+        if self._tick_task:
+            self._tick_task.cancel()
+        await self.rpc.close()
+
+    async def _commit(self) -> None:
+        """Persist if anything changed, then wake watchers."""
+        if self.state.version != self.persisted_version:
+            self.store.save(self.state.snapshot())
+            self.persisted_version = self.state.version
+            async with self.changed:
+                self.changed.notify_all()
+
+    async def _tick_loop(self) -> None:
+        while True:
+            await asyncio.sleep(0.1)
+            try:
+                if self.state.tick(time.monotonic()):
+                    for e in self.state.events[-5:]:
+                        log.info("event %s: %s", e.kind, e.detail)
+                await self._commit()
+            except Exception:
+                log.exception("coordinator tick failed")
+
+    def _wrap(self, fn: Callable[[], Any]) -> Any:
+        try:
+            return fn()
+        except CoordinatorError as e:
+            raise RpcError(e.code, e.message) from None
+
+    # -- handlers ------------------------------------------------------------------------------
+    async def join(self, p: dict[str, Any]) -> dict[str, Any]:
+        m = self._wrap(
+            lambda: self.state.join(
+                time.monotonic(),
+                p["id"],
+                p["role"],
+                p["address"],
+                capacity=float(p.get("capacity", 1.0)),
+                standby=bool(p.get("standby", False)),
+                pid=int(p.get("pid", 0)),
+                meta=p.get("meta") or {},
+            )
+        )
+        await self._commit()
+        log.info("member %s (%s) joined at %s", m.id, m.role, m.address)
+        return {
+            "incarnation": m.incarnation,
+            "lease_ttl": self.state.lease_ttl,
+            "view": self.state.view(),
+        }
+
+    async def heartbeat(self, p: dict[str, Any]) -> dict[str, Any]:
+        self._wrap(lambda: self.state.heartbeat(time.monotonic(), p["id"], p["incarnation"]))
+        return {"version": self.state.version}
+
+    async def leave(self, p: dict[str, Any]) -> None:
+        self.state.leave(time.monotonic(), p["id"], p["incarnation"])
+        await self._commit()
+
+    async def view(self, p: Any) -> dict[str, Any]:
+        return self.state.view()
+
+    async def watch(self, p: dict[str, Any]) -> dict[str, Any]:
+        """Long poll: returns the view once its version exceeds ``since`` (or at timeout)."""
+        since = int(p.get("since", -1))
+        timeout = float(p.get("timeout", 5.0))
+        if self.persisted_version <= since:
+            async with self.changed:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(
+                        self.changed.wait_for(lambda: self.persisted_version > since), timeout
+                    )
+        return self.state.view()
+
+    async def acquire_partition(self, p: dict[str, Any]) -> dict[str, Any]:
+        token = self._wrap(
+            lambda: self.state.acquire_partition(
+                time.monotonic(), p["id"], p["incarnation"], int(p["partition"])
+            )
+        )
+        await self._commit()
+        return {"token": token}
+
+    async def release_partition(self, p: dict[str, Any]) -> None:
+        self.state.release_partition(
+            time.monotonic(), p["id"], p["incarnation"], int(p["partition"])
+        )
+        await self._commit()
+
+    async def create_bucket(self, p: dict[str, Any]) -> dict[str, Any]:
+        b = self._wrap(lambda: self.state.create_bucket(p["name"], p.get("tenant", "default")))
+        await self._commit()
+        return msgspec.to_builtins(b)  # type: ignore[no-any-return]
+
+    async def delete_bucket(self, p: dict[str, Any]) -> None:
+        self._wrap(lambda: self.state.delete_bucket(p["name"], p["id"]))
+        await self._commit()
+
+    async def set_state(self, p: dict[str, Any]) -> dict[str, Any]:
+        m = self._wrap(lambda: self.state.set_state(time.monotonic(), p["id"], p["state"]))
+        await self._commit()
+        return msgspec.to_builtins(m)  # type: ignore[no-any-return]
+
+    async def events(self, p: Any) -> list[Any]:
+        return [msgspec.to_builtins(e) for e in self.state.events]
+
+
+async def serve(args: argparse.Namespace) -> None:
+    coord = EmbeddedCoordinator(
+        Path(args.data_dir), partitions=args.partitions, lease_ttl=args.lease_ttl
+    )
+    port = await coord.start(args.host, args.port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    log.info("coordinator listening on %s:%d", args.host, port)
+    # The launcher reads this line to learn the bound port.
+    print(f"READY {args.host}:{port}", flush=True)
+    await stop.wait()
+    await coord.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="cohort-coordinator")
+    ap.add_argument("--data-dir", required=True)
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=0)
+    ap.add_argument("--partitions", type=int, default=256)
+    ap.add_argument("--lease-ttl", type=float, default=2.5)
+    ap.add_argument("--log-file", default=None)
+    args = ap.parse_args(argv)
+    setup_logging("coordinator", args.log_file)
+    import uvloop
+
+    uvloop.run(serve(args))
+
+
+if __name__ == "__main__":
+    main()

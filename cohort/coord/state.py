@@ -1,0 +1,332 @@
+"""The coordinator's state machine: membership with leases, the partition map, buckets.
+
+Pure and deterministic: every method takes ``now`` (seconds, monotonic) and mutates the
+in-memory state; nothing here does I/O.  The embedded coordinator process persists the
+result after each change; an etcd backend keeps the same shapes in etcd keys.
+
+Rules it enforces
+-----------------
+* A member holds a lease of ``lease_ttl`` seconds, renewed by heartbeats.  ``tick`` declares
+  a member dead once its lease has expired; its partitions go to survivors with a new
+  epoch.  A member re-joining under the same id is a new *incarnation*: the old one is
+  treated as dead at once (its partitions get new epochs), because a process can only
+  re-join after it has lost all its state.
+* Partition ``p`` is served by ``owner`` while that member holds the partition lock
+  (``acquire_partition``).  The lock is granted only to the map's owner, and only once
+  the previous holder released it or is dead: so two members never serve ``p`` at once.
+  The fencing token of a grant is the partition's epoch, which grows with every change
+  of owner or incarnation.
+* Assignment (the "primary" role of seed 004): orphaned partitions go to the live,
+  non-draining servers with the fewest partitions (weighted by capacity); when the
+  spread between the most and least loaded server exceeds one partition, partitions move
+  (gracefully: the old owner releases when it sees the new map) to even it out.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+import msgspec
+
+
+class Member(msgspec.Struct):
+    id: str
+    role: str  # "server" | "director"
+    address: str
+    incarnation: str
+    lease_expiry: float
+    state: str = "alive"  # alive | draining | dead | left
+    capacity: float = 1.0
+    standby: bool = False
+    pid: int = 0
+    joined_at: float = 0.0  # wall clock, for display
+    meta: dict[str, Any] = {}
+
+
+class Partition(msgspec.Struct):
+    owner: str | None = None
+    epoch: int = 0
+    # the member (id, incarnation) currently holding the partition lock, if any
+    holder: str | None = None
+    holder_incarnation: str | None = None
+
+
+class Bucket(msgspec.Struct):
+    name: str
+    id: str
+    created: float  # wall clock
+    tenant: str = "default"
+
+
+class Event(msgspec.Struct):
+    time: float  # wall clock
+    kind: str
+    detail: str
+
+
+class CoordinatorError(Exception):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class CoordinatorState:
+    def __init__(self, partitions: int = 256, lease_ttl: float = 2.5) -> None:
+        self.partition_count = partitions
+        self.lease_ttl = lease_ttl
+        self.members: dict[str, Member] = {}
+        self.partitions: list[Partition] = [Partition() for _ in range(partitions)]
+        self.buckets: dict[str, Bucket] = {}
+        self.events: list[Event] = []
+        self.version = 0  # bumped on every externally visible change
+        self.cluster_id = uuid.uuid4().hex
+
+    # -- events / versioning ---------------------------------------------------------------
+    def _changed(self, kind: str | None = None, detail: str = "") -> None:
+        self.version += 1
+        if kind is not None:
+            self.events.append(Event(time.time(), kind, detail))
+            del self.events[:-500]
+
+    # -- membership ------------------------------------------------------------------------
+    def join(
+        self,
+        now: float,
+        member_id: str,
+        role: str,
+        address: str,
+        *,
+        capacity: float = 1.0,
+        standby: bool = False,
+        pid: int = 0,
+        meta: dict[str, Any] | None = None,
+    ) -> Member:
+        old = self.members.get(member_id)
+        if old is not None and old.state not in ("dead", "left") and role == "server":
+            # A new incarnation: the previous process lost its state; fence it out now.
+            self._member_gone(old, "restarted")
+        m = Member(
+            id=member_id,
+            role=role,
+            address=address,
+            incarnation=uuid.uuid4().hex[:12],
+            lease_expiry=now + self.lease_ttl,
+            capacity=capacity,
+            standby=standby,
+            pid=pid,
+            joined_at=time.time(),
+            meta=meta or {},
+        )
+        self.members[member_id] = m
+        self._changed("join", f"{role} {member_id} at {address}")
+        if role == "server":
+            self.rebalance(now)
+        return m
+
+    def heartbeat(self, now: float, member_id: str, incarnation: str) -> Member:
+        m = self.members.get(member_id)
+        if m is None or m.incarnation != incarnation or m.state in ("dead", "left"):
+            raise CoordinatorError("UnknownMember", f"{member_id} is not a live member; re-join")
+        m.lease_expiry = now + self.lease_ttl
+        return m
+
+    def leave(self, now: float, member_id: str, incarnation: str) -> None:
+        m = self.members.get(member_id)
+        if m is None or m.incarnation != incarnation:
+            return
+        self._member_gone(m, "left")
+        m.state = "left"
+        self.rebalance(now)
+
+    def set_state(self, now: float, member_id: str, state: str) -> Member:
+        """Operator action: ``draining`` (hand all partitions away), ``alive``, or standby."""
+        m = self.members.get(member_id)
+        if m is None or m.role != "server":
+            raise CoordinatorError("UnknownMember", f"no server named {member_id!r}")
+        if m.state in ("dead", "left"):
+            raise CoordinatorError("MemberDown", f"{member_id} is {m.state}")
+        if state not in ("alive", "draining"):
+            raise CoordinatorError("InvalidState", f"unknown member state {state!r}")
+        m.state = state
+        self._changed("drain" if state == "draining" else "undrain", member_id)
+        self.rebalance(now)
+        return m
+
+    def _member_gone(self, m: Member, why: str) -> None:
+        m.state = "dead" if why != "left" else "left"
+        for p in self.partitions:
+            if p.holder == m.id and p.holder_incarnation == m.incarnation:
+                p.holder = None
+                p.holder_incarnation = None
+            if p.owner == m.id:
+                p.owner = None
+                p.epoch += 1
+        self._changed("member-" + ("left" if why == "left" else "dead"), f"{m.id} ({why})")
+
+    def tick(self, now: float) -> bool:
+        """Expire leases and (re)assign partitions.  Returns True if anything changed."""
+        before = self.version
+        for m in self.members.values():
+            if m.state in ("alive", "draining") and m.lease_expiry < now:
+                self._member_gone(m, "lease expired")
+        self.rebalance(now)
+        return self.version != before
+
+    def extend_all_leases(self, now: float) -> None:
+        """After a coordinator restart: give every live member a fresh lease to re-heartbeat."""
+        for m in self.members.values():
+            if m.state in ("alive", "draining"):
+                m.lease_expiry = now + self.lease_ttl
+
+    # -- assignment --------------------------------------------------------------------------
+    def _eligible(self) -> list[Member]:
+        return [
+            m
+            for m in self.members.values()
+            if m.role == "server" and m.state == "alive" and not m.standby
+        ]
+
+    def rebalance(self, now: float) -> None:
+        servers = self._eligible()
+        if not servers:
+            standby = [
+                m
+                for m in self.members.values()
+                if m.role == "server" and m.state == "alive" and m.standby
+            ]
+            servers = standby
+        if not servers:
+            return
+        live_ids = {m.id for m in servers}
+        counts: dict[str, int] = {m.id: 0 for m in servers}
+        cap = {m.id: max(m.capacity, 0.01) for m in servers}
+        orphans: list[int] = []
+        for i, p in enumerate(self.partitions):
+            if p.owner in live_ids:
+                counts[p.owner] += 1
+            else:
+                orphans.append(i)
+        moved = 0
+        for i in orphans:
+            target = min(counts, key=lambda s: (counts[s] / cap[s], s))
+            p = self.partitions[i]
+            p.owner = target
+            p.epoch += 1
+            counts[target] += 1
+            moved += 1
+        # Even out: move from the most to the least loaded (by weighted share) while it helps.
+        total_cap = sum(cap.values())
+        share = {s: self.partition_count * cap[s] / total_cap for s in counts}
+        while len(counts) > 1:
+            hi = max(counts, key=lambda s: (counts[s] - share[s], s))
+            lo = min(counts, key=lambda s: (counts[s] - share[s], s))
+            # Move only while it strictly narrows the spread (so it terminates and never
+            # thrashes a partition back and forth).
+            if (counts[hi] - share[hi]) - (counts[lo] - share[lo]) <= 1.0 + 1e-9:
+                break
+            # move the highest-numbered partition of hi (deterministic)
+            idx = max(i for i, p in enumerate(self.partitions) if p.owner == hi)
+            p = self.partitions[idx]
+            p.owner = lo
+            p.epoch += 1
+            counts[hi] -= 1
+            counts[lo] += 1
+            moved += 1
+        if moved:
+            self._changed("rebalance", f"{moved} partitions assigned")
+
+    # -- partition lock ------------------------------------------------------------------------
+    def acquire_partition(self, now: float, member_id: str, incarnation: str, p: int) -> int:
+        """Grant the lock ``partition/p`` in EX to the map's owner; returns the fencing token.
+
+        Raises ``NotOwner`` if the map names someone else, ``Busy`` while the previous
+        holder has not released it yet (the caller retries).
+        """
+        m = self.members.get(member_id)
+        if m is None or m.incarnation != incarnation or m.state in ("dead", "left"):
+            raise CoordinatorError("UnknownMember", f"{member_id} is not a live member")
+        part = self.partitions[p]
+        if part.owner != member_id:
+            raise CoordinatorError("NotOwner", f"partition {p} is assigned to {part.owner}")
+        if part.holder is not None and (
+            part.holder != member_id or part.holder_incarnation != incarnation
+        ):
+            h = self.members.get(part.holder)
+            if (
+                h is not None
+                and h.incarnation == part.holder_incarnation
+                and h.state
+                in (
+                    "alive",
+                    "draining",
+                )
+            ):
+                raise CoordinatorError("Busy", f"partition {p} still held by {part.holder}")
+        part.holder = member_id
+        part.holder_incarnation = incarnation
+        self._changed()
+        return part.epoch
+
+    def release_partition(self, now: float, member_id: str, incarnation: str, p: int) -> None:
+        part = self.partitions[p]
+        if part.holder == member_id and part.holder_incarnation == incarnation:
+            part.holder = None
+            part.holder_incarnation = None
+            self._changed()
+
+    # -- buckets ----------------------------------------------------------------------------
+    def create_bucket(self, name: str, tenant: str = "default") -> Bucket:
+        b = self.buckets.get(name)
+        if b is not None:
+            if b.tenant == tenant:
+                raise CoordinatorError("BucketAlreadyOwnedByYou", name)
+            raise CoordinatorError("BucketAlreadyExists", name)
+        b = Bucket(name=name, id=uuid.uuid4().hex[:16], created=time.time(), tenant=tenant)
+        self.buckets[name] = b
+        self._changed("bucket-create", name)
+        return b
+
+    def delete_bucket(self, name: str, bucket_id: str) -> None:
+        b = self.buckets.get(name)
+        if b is None or b.id != bucket_id:
+            raise CoordinatorError("NoSuchBucket", name)
+        del self.buckets[name]
+        self._changed("bucket-delete", name)
+
+    # -- views --------------------------------------------------------------------------------
+    def view(self) -> dict[str, Any]:
+        """The cluster view that directors and servers cache (msgpack-friendly)."""
+        return {
+            "version": self.version,
+            "cluster_id": self.cluster_id,
+            "lease_ttl": self.lease_ttl,
+            "members": [msgspec.to_builtins(m) for m in self.members.values()],
+            "partitions": [[p.owner, p.epoch, p.holder] for p in self.partitions],
+            "buckets": [msgspec.to_builtins(b) for b in self.buckets.values()],
+        }
+
+    # -- persistence ------------------------------------------------------------------------
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "cluster_id": self.cluster_id,
+            "version": self.version,
+            "partition_count": self.partition_count,
+            "members": [msgspec.to_builtins(m) for m in self.members.values()],
+            "partitions": [msgspec.to_builtins(p) for p in self.partitions],
+            "buckets": [msgspec.to_builtins(b) for b in self.buckets.values()],
+            "events": [msgspec.to_builtins(e) for e in self.events[-200:]],
+        }
+
+    @classmethod
+    def restore(cls, snap: dict[str, Any], lease_ttl: float) -> CoordinatorState:
+        s = cls(snap["partition_count"], lease_ttl)
+        s.cluster_id = snap["cluster_id"]
+        s.version = snap["version"] + 1
+        s.members = {m["id"]: msgspec.convert(m, Member) for m in snap["members"]}
+        s.partitions = [msgspec.convert(p, Partition) for p in snap["partitions"]]
+        s.buckets = {b["name"]: msgspec.convert(b, Bucket) for b in snap["buckets"]}
+        s.events = [msgspec.convert(e, Event) for e in snap.get("events", [])]
+        return s

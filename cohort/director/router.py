@@ -1,0 +1,192 @@
+"""The director's routing: partition map cache, owner lookup, transparent retry.
+
+The router keeps the coordinator's view (members, partition map, buckets) fresh by a
+long-poll watch.  :meth:`Router.call` sends an RPC to the server that owns a partition and
+retries, with a refreshed view and a short backoff, while the answer says the request was
+*not executed* (``NotOwner``, ``Recovering``, connection refused) - which is what a
+failover or a hand-over looks like from here - until ``deadline`` seconds have passed.
+
+A request whose outcome is unknown (timeout or connection lost after sending) is retried
+only when the caller marks it idempotent; mutations carry a request id that the server
+de-duplicates, so a retried PUT or DELETE is applied at most once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Any
+
+from cohort.coord.base import Coordinator
+from cohort.rpc import ClientPool, RpcConnectionError, RpcError, RpcTimeout
+
+log = logging.getLogger("cohort.director.router")
+
+RETRYABLE = {"NotOwner", "Recovering"}
+
+
+class Unavailable(Exception):
+    """No owner answered within the deadline."""
+
+
+class Router:
+    def __init__(
+        self, coord: Coordinator, *, deadline: float = 15.0, rpc_timeout: float = 5.0
+    ) -> None:
+        self.coord = coord
+        self.pool = ClientPool()
+        self.deadline = deadline
+        self.rpc_timeout = rpc_timeout
+        self.view: dict[str, Any] = {"version": -1, "partitions": [], "members": [], "buckets": []}
+        self.addresses: dict[str, str] = {}
+        self.buckets: dict[str, dict[str, Any]] = {}
+        self.partition_count = 0
+        self._watch_task: asyncio.Task[None] | None = None
+        self._refreshed = asyncio.Event()
+        self.retries = 0
+
+    async def start(self) -> None:
+        while True:
+            try:
+                self._apply(await self.coord.view())
+                break
+            except RpcError as e:
+                log.warning("coordinator not reachable yet: %s", e)
+                await asyncio.sleep(0.3)
+        self._watch_task = asyncio.create_task(self._watch_loop())
+
+    async def close(self) -> None:
+        if self._watch_task:
+            self._watch_task.cancel()
+            with contextlib.suppress(BaseException):
+                await self._watch_task
+        await self.pool.close()
+        await self.coord.close()
+
+    def _apply(self, view: dict[str, Any]) -> None:
+        if view["version"] < self.view["version"]:
+            return
+        self.view = view
+        self.partition_count = len(view["partitions"])
+        self.addresses = {
+            m["id"]: m["address"]
+            for m in view["members"]
+            if m["role"] == "server" and m["state"] in ("alive", "draining")
+        }
+        self.buckets = {b["name"]: b for b in view["buckets"]}
+        self._refreshed.set()
+        self._refreshed = asyncio.Event()
+
+    async def _watch_loop(self) -> None:
+        while True:
+            try:
+                self._apply(await self.coord.watch(self.view["version"], timeout=2.0))
+            except RpcError as e:
+                log.warning("watch failed: %s", e)
+                await asyncio.sleep(0.2)
+
+    async def refresh(self) -> None:
+        with contextlib.suppress(RpcError):
+            self._apply(await self.coord.view())
+
+    def owner_address(self, p: int) -> str | None:
+        owner = self.view["partitions"][p][0]
+        return None if owner is None else self.addresses.get(owner)
+
+    async def call(self, p: int, method: str, params: Any, *, idempotent: bool = True) -> Any:
+        """Call ``method`` on the owner of partition ``p``; see the module docstring."""
+        give_up = time.monotonic() + self.deadline
+        delay = 0.02
+        last: Exception | None = None
+        while True:
+            addr = self.owner_address(p)
+            if addr is not None:
+                try:
+                    return await self._call_owner(p, addr, method, params)
+                except RpcTimeout as e:
+                    if not idempotent:
+                        raise
+                    last = e
+                except RpcConnectionError as e:
+                    # refused/reset: nothing executed if we never got a connection; if the
+                    # connection broke after sending, the request may have executed, which
+                    # is safe to repeat only for idempotent (de-duplicated) requests.
+                    if not idempotent and "cannot connect" not in e.message:
+                        raise
+                    last = e
+                except RpcError as e:
+                    if e.code not in RETRYABLE:
+                        raise
+                    last = e
+            if time.monotonic() + delay > give_up:
+                raise Unavailable(f"partition {p}: no owner answered ({last})")
+            self.retries += 1
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.25)
+            if isinstance(last, RpcError) and last.code == "Recovering":
+                continue
+            await self.refresh()
+
+    async def _call_owner(self, p: int, addr: str, method: str, params: Any) -> Any:
+        """One attempt at ``addr``.  Gives up early (as a timeout: outcome unknown) when
+        the map moves ``p`` elsewhere meanwhile, so a paused owner costs the failover
+        time, not the whole RPC timeout."""
+        client = self.pool.get(addr)
+        rid, fut = await client.send(method, params)
+        give_up = time.monotonic() + self.rpc_timeout
+        try:
+            while True:
+                try:
+                    return await asyncio.wait_for(asyncio.shield(fut), 0.25)
+                except TimeoutError:
+                    if self.owner_address(p) != addr or time.monotonic() > give_up:
+                        raise RpcTimeout(f"{method} to {addr}: no answer, owner changed") from None
+        finally:
+            if not fut.done():
+                client.forget(rid)
+
+    def partitions_by_owner(self, parts: list[int] | None = None) -> dict[str | None, list[int]]:
+        out: dict[str | None, list[int]] = {}
+        for p in parts if parts is not None else range(self.partition_count):
+            out.setdefault(self.owner_address(p), []).append(p)
+        return out
+
+    async def scatter(self, method: str, params: dict[str, Any]) -> list[Any]:
+        """Call ``method`` once per owner with ``params["parts"]`` set to its partitions;
+        partitions reported ``not_owned`` are retried with a fresh view.  Returns the
+        list of results."""
+        results: list[Any] = []
+        todo = list(range(self.partition_count))
+        give_up = time.monotonic() + self.deadline
+        delay = 0.02
+        while todo:
+            groups = self.partitions_by_owner(todo)
+            todo = list(groups.pop(None, []))
+
+            async def one(addr: str, parts: list[int]) -> tuple[Any, list[int]]:
+                try:
+                    r = await self.pool.get(addr).call(
+                        method, {**params, "parts": parts}, timeout=self.rpc_timeout
+                    )
+                    return r, list(r.get("not_owned", []))
+                except (RpcConnectionError, RpcTimeout):
+                    return None, parts
+                except RpcError as e:
+                    if e.code in RETRYABLE:
+                        return None, parts
+                    raise
+
+            outs = await asyncio.gather(*(one(a, ps) for a, ps in groups.items() if a is not None))
+            for r, missing in outs:
+                if r is not None:
+                    results.append(r)
+                todo.extend(missing)
+            if todo:
+                if time.monotonic() > give_up:
+                    raise Unavailable(f"{len(todo)} partitions unavailable for {method}")
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 0.25)
+                await self.refresh()
+        return results

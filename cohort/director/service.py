@@ -1,0 +1,96 @@
+"""The director process: the S3 front door (``python -m cohort.director.service``)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import socket
+
+from aiohttp import web
+
+from cohort.coord.client import RpcCoordinator
+from cohort.director.router import Router
+from cohort.director.s3app import S3App
+from cohort.logs import setup_logging
+from cohort.rpc import RpcError
+from cohort.storage.local import LocalStore
+
+log = logging.getLogger("cohort.director")
+
+
+def load_keys(path: str) -> dict[str, str]:
+    with open(path) as f:
+        creds = json.load(f)
+    return {creds["access_key"]: creds["secret_key"]}
+
+
+async def _membership(coord: RpcCoordinator, member_id: str, address: str) -> None:
+    """Directors are stateless; membership only makes them visible (status, dashboard)."""
+    incarnation = ""
+    while True:
+        try:
+            if not incarnation:
+                r = await coord.join(
+                    {"id": member_id, "role": "director", "address": address, "pid": os.getpid()}
+                )
+                incarnation = r["incarnation"]
+            else:
+                await coord.heartbeat(member_id, incarnation)
+        except RpcError as e:
+            if e.code == "UnknownMember":
+                incarnation = ""
+                continue
+        await asyncio.sleep(0.5)
+
+
+async def serve(args: argparse.Namespace) -> None:
+    coord = RpcCoordinator(args.coordinator)
+    router = Router(coord)
+    await router.start()
+    keys = load_keys(args.credentials)
+    store = LocalStore(args.storage)
+    s3 = S3App(router, store, keys.get, member_id=args.id)
+    runner = web.AppRunner(s3.app, access_log=None, handle_signals=False)
+    await runner.setup()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((args.host, args.port))
+    site = web.SockSite(runner, sock, shutdown_timeout=5.0)
+    await site.start()
+    address = "{}:{}".format(*sock.getsockname()[:2])
+    hb = asyncio.create_task(_membership(coord, args.id, address))
+    log.info("S3 endpoint http://%s", address)
+    print(f"READY {address}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("stopping: finishing in-flight requests")
+    hb.cancel()
+    await runner.cleanup()
+    await router.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="cohort-director")
+    ap.add_argument("--id", default="director-1")
+    ap.add_argument("--coordinator", required=True)
+    ap.add_argument("--storage", required=True)
+    ap.add_argument("--credentials", required=True, help="JSON file with access_key/secret_key")
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=9000)
+    ap.add_argument("--log-file", default=None)
+    args = ap.parse_args(argv)
+    setup_logging(args.id, args.log_file)
+    import uvloop
+
+    uvloop.run(serve(args))
+
+
+if __name__ == "__main__":
+    main()

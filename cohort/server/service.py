@@ -1,0 +1,453 @@
+"""The middle-layer server process: membership, partition ownership, object RPCs.
+
+A server
+
+* joins the coordinator and renews its lease by heartbeat; if it cannot renew in time it
+  *self-fences*: it stops serving every partition before the coordinator can declare it
+  dead and give the partitions away (its own deadline is measured from when it *sent*
+  the last successful heartbeat, minus a margin, so it always expires first);
+* follows the partition map by watching the coordinator; for each partition the map gives
+  it, it takes the partition lock (fencing token = epoch), fences the log, replays it and
+  serves; for each partition the map takes away, it finishes queued commits, writes a
+  checkpoint and releases the lock (so the next owner replays nothing);
+* answers the directors' object RPCs for the partitions it serves, and ``NotOwner`` (or
+  ``Recovering``) for the rest, which makes directors re-route.
+
+Object bodies are written to shared storage by the directors (immutable blobs under fresh
+names) before the metadata record that references them is committed here; replaced blobs
+are deleted after a grace period so in-flight reads of the old version can finish.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import time
+from collections import deque
+from typing import Any
+
+from cohort.coord.base import Coordinator
+from cohort.coord.client import RpcCoordinator
+from cohort.logs import setup_logging
+from cohort.partitioning import partition_of
+from cohort.rpc import RpcError, RpcServer
+from cohort.server.host import NotServing, PartitionHost
+from cohort.server.state import meta_to_wire
+from cohort.storage.base import Store
+from cohort.storage.local import LocalStore
+
+log = logging.getLogger("cohort.server")
+
+LEASE_MARGIN = 0.4  # seconds before the coordinator could expire us that we stop serving
+BLOB_GRACE = 30.0  # seconds a replaced blob stays readable
+
+
+class Server:
+    def __init__(
+        self,
+        member_id: str,
+        store: Store,
+        coordinator: Coordinator,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        capacity: float = 1.0,
+        standby: bool = False,
+    ) -> None:
+        self.id = member_id
+        self.store = store
+        self.coord = coordinator
+        self.bind = (host, port)
+        self.capacity = capacity
+        self.standby = standby
+        self.rpc = RpcServer()
+        for name in ("obj.put", "obj.get", "obj.delete", "obj.list", "bucket.count", "status"):
+            self.rpc.register(name, getattr(self, "rpc_" + name.replace(".", "_")))
+        self.address = ""
+        self.incarnation = ""
+        self.lease_ttl = 2.5
+        self.lease_deadline = 0.0
+        self.view: dict[str, Any] = {"version": -1, "partitions": []}
+        self.partition_count = 0
+        self.hosts: dict[int, PartitionHost] = {}
+        self.acquiring: dict[int, asyncio.Task[None]] = {}
+        self.releasing: dict[int, asyncio.Task[None]] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self._freed: deque[tuple[float, str]] = deque()
+        self._stopping = False
+        self._rejoin = asyncio.Event()
+        self.requests = 0
+
+    # -- lifecycle -------------------------------------------------------------------------
+    async def start(self) -> str:
+        port = await self.rpc.start(*self.bind)
+        self.address = f"{self.bind[0]}:{port}"
+        await self._join()
+        self._tasks = [
+            asyncio.create_task(self._heartbeat_loop()),
+            asyncio.create_task(self._watch_loop()),
+            asyncio.create_task(self._gc_loop()),
+        ]
+        return self.address
+
+    async def _join(self) -> None:
+        while True:
+            try:
+                t_send = time.monotonic()
+                r = await self.coord.join(
+                    {
+                        "id": self.id,
+                        "role": "server",
+                        "address": self.address,
+                        "capacity": self.capacity,
+                        "standby": self.standby,
+                        "pid": os.getpid(),
+                    }
+                )
+                break
+            except RpcError as e:
+                log.warning("cannot join coordinator (%s); retrying", e)
+                await asyncio.sleep(0.3)
+        self.incarnation = r["incarnation"]
+        self.lease_ttl = float(r["lease_ttl"])
+        self.lease_deadline = t_send + self.lease_ttl - LEASE_MARGIN
+        log.info("joined as %s incarnation %s", self.id, self.incarnation)
+        self._apply_view(r["view"])
+
+    def lease_valid(self) -> bool:
+        return time.monotonic() < self.lease_deadline
+
+    async def stop(self) -> None:
+        """Graceful stop: finish in-flight commits, checkpoint, release partition locks."""
+        self._stopping = True
+        for t in self._tasks:
+            t.cancel()
+        for t in list(self.acquiring.values()):
+            t.cancel()
+        hosts = list(self.hosts.items())
+        await asyncio.gather(*(h.close(graceful=True) for _, h in hosts), return_exceptions=True)
+        if self.lease_valid():
+            for p, _ in hosts:
+                with contextlib.suppress(Exception):
+                    await self.coord.release_partition(self.id, self.incarnation, p)
+        self.hosts.clear()
+        await self.rpc.close()
+        await self.coord.close()
+
+    # -- membership ------------------------------------------------------------------------
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            interval = self.lease_ttl / 6
+            await asyncio.sleep(interval)
+            t_send = time.monotonic()
+            try:
+                r = await self.coord.heartbeat(self.id, self.incarnation)
+                # Only a reply proves the lease was renewed, and only from when we sent it.
+                self.lease_deadline = max(
+                    self.lease_deadline, t_send + self.lease_ttl - LEASE_MARGIN
+                )
+                if r.get("version", -1) > self.view.get("version", -1):
+                    self._rejoin.set()  # nudge: the watch loop will catch up anyway
+            except RpcError as e:
+                if e.code == "UnknownMember":
+                    log.error(
+                        "coordinator declared us dead; dropping all partitions and re-joining"
+                    )
+                    await self._drop_all("declared dead")
+                    await self._join()
+                    continue
+                log.warning("heartbeat failed: %s", e)
+            if not self.lease_valid() and self.hosts:
+                log.error(
+                    "lease lost (no renewal in time): self-fencing %d partitions", len(self.hosts)
+                )
+                await self._drop_all("lease lost")
+            self._reap_failed_hosts()
+
+    async def _drop_all(self, why: str) -> None:
+        for t in list(self.acquiring.values()):
+            t.cancel()
+        self.acquiring.clear()
+        hosts, self.hosts = self.hosts, {}
+        for h in hosts.values():
+            await h.close(graceful=False)
+        if hosts:
+            log.warning("stopped serving %d partitions: %s", len(hosts), why)
+
+    async def _watch_loop(self) -> None:
+        while True:
+            try:
+                view = await self.coord.watch(self.view.get("version", -1), timeout=2.0)
+                self._apply_view(view)
+            except RpcError as e:
+                log.warning("watch failed: %s", e)
+                await asyncio.sleep(0.2)
+
+    def _apply_view(self, view: dict[str, Any]) -> None:
+        if view["version"] < self.view.get("version", -1):
+            return
+        self.view = view
+        parts = view["partitions"]
+        self.partition_count = len(parts)
+        if self._stopping:
+            return
+        for p, (owner, epoch, holder) in enumerate(parts):
+            h = self.hosts.get(p)
+            if (
+                holder == self.id
+                and owner != self.id
+                and h is None
+                and p not in self.releasing
+                and p not in self.acquiring
+            ):
+                # We hold a lock we do not use (an acquire raced with a map change):
+                # give it back, or the new owner would wait for our lease to expire.
+                self.releasing[p] = asyncio.create_task(self._release_lock(p))
+            if owner == self.id:
+                if h is not None and h.epoch != epoch:
+                    # Reassigned away and back: our lock may have been taken meanwhile.
+                    self._start_release(p, graceful=False)
+                    h = None
+                if h is None and p not in self.acquiring and p not in self.releasing:
+                    self.acquiring[p] = asyncio.create_task(self._acquire(p))
+            else:
+                t = self.acquiring.pop(p, None)
+                if t is not None:
+                    t.cancel()
+                if h is not None:
+                    self._start_release(p, graceful=True)
+
+    def _start_release(self, p: int, *, graceful: bool) -> None:
+        h = self.hosts.pop(p, None)
+        if h is None or p in self.releasing:
+            return
+        self.releasing[p] = asyncio.create_task(self._release(p, h, graceful))
+
+    async def _release(self, p: int, h: PartitionHost, graceful: bool) -> None:
+        try:
+            await h.close(graceful=graceful)
+            await self.coord.release_partition(self.id, self.incarnation, p)
+            log.info("released partition %d", p, extra={"partition": p, "epoch": h.epoch})
+        except Exception as e:
+            log.warning("release of partition %d: %s", p, e)
+        finally:
+            self.releasing.pop(p, None)
+            if not self._stopping and self.view["partitions"][p][0] == self.id:
+                self._apply_view(self.view)
+
+    async def _release_lock(self, p: int) -> None:
+        try:
+            await self.coord.release_partition(self.id, self.incarnation, p)
+        except RpcError as e:
+            log.warning("release of unused lock %d: %s", p, e)
+        finally:
+            self.releasing.pop(p, None)
+
+    async def _acquire(self, p: int) -> None:
+        try:
+            while True:
+                if not self.lease_valid():
+                    await asyncio.sleep(0.05)
+                    continue
+                try:
+                    token = await self.coord.acquire_partition(self.id, self.incarnation, p)
+                    break
+                except RpcError as e:
+                    if e.code in ("NotOwner", "UnknownMember"):
+                        return
+                    await asyncio.sleep(0.05 if e.code == "Busy" else 0.2)
+            host = PartitionHost(self.store, p, self.id, token, self._queue_freed)
+            self.hosts[p] = host
+            try:
+                await host.recover()
+            except Exception:
+                log.exception("recovery of partition %d failed", p, extra={"partition": p})
+                self.hosts.pop(p, None)
+                await host.close(graceful=False)
+                await asyncio.sleep(0.5)
+                asyncio.get_running_loop().call_soon(self._apply_view, self.view)
+        finally:
+            if self.acquiring.get(p) is asyncio.current_task():
+                del self.acquiring[p]
+
+    def _reap_failed_hosts(self) -> None:
+        for p, h in list(self.hosts.items()):
+            if h.status in ("fenced", "failed"):
+                log.warning("partition %d %s; releasing", p, h.status, extra={"partition": p})
+                self._start_release(p, graceful=False)
+
+    # -- blob garbage --------------------------------------------------------------------------
+    def _queue_freed(self, keys: list[str]) -> None:
+        now = time.monotonic()
+        self._freed.extend((now, k) for k in keys)
+
+    async def _gc_loop(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            cutoff = time.monotonic() - BLOB_GRACE
+            while self._freed and self._freed[0][0] < cutoff:
+                _, key = self._freed.popleft()
+                with contextlib.suppress(Exception):
+                    await self.store.delete(key)
+
+    # -- RPC handlers ----------------------------------------------------------------------
+    def _host_for(self, p: int) -> PartitionHost:
+        if not self.lease_valid():
+            raise RpcError("NotOwner", f"{self.id} has no valid lease")
+        h = self.hosts.get(p)
+        if h is None:
+            raise RpcError("NotOwner", f"partition {p} is not served by {self.id}")
+        if h.status == "recovering":
+            raise RpcError("Recovering", f"partition {p} is recovering on {self.id}")
+        if not h.serving or not h.accepting:
+            raise RpcError("NotOwner", f"partition {p} is {h.status} on {self.id}")
+        return h
+
+    def _partition(self, params: dict[str, Any]) -> int:
+        return partition_of(params["b"], params["k"], self.partition_count)
+
+    async def _commit(self, h: PartitionHost, rec: dict[str, Any]) -> None:
+        try:
+            await h.commit(rec)
+        except NotServing as e:
+            raise RpcError("NotOwner", str(e)) from None
+
+    async def rpc_obj_put(self, params: dict[str, Any]) -> dict[str, Any]:
+        self.requests += 1
+        h = self._host_for(self._partition(params))
+        h.ops += 1
+        await self._commit(
+            h,
+            {
+                "op": "put",
+                "b": params["b"],
+                "k": params["k"],
+                "m": params["m"],
+                "rid": params.get("rid"),
+            },
+        )
+        return {"epoch": h.epoch}
+
+    async def rpc_obj_get(self, params: dict[str, Any]) -> dict[str, Any] | None:
+        self.requests += 1
+        h = self._host_for(self._partition(params))
+        h.ops += 1
+        m = h.state.get(params["b"], params["k"])
+        if not self.lease_valid():  # never answer from a partition we may have lost
+            raise RpcError("NotOwner", "lease expired")
+        return None if m is None else {"m": meta_to_wire(m)}
+
+    async def rpc_obj_delete(self, params: dict[str, Any]) -> dict[str, Any]:
+        self.requests += 1
+        h = self._host_for(self._partition(params))
+        h.ops += 1
+        existed = h.state.get(params["b"], params["k"]) is not None
+        if existed:
+            await self._commit(
+                h, {"op": "del", "b": params["b"], "k": params["k"], "rid": params.get("rid")}
+            )
+        return {"existed": existed}
+
+    async def rpc_obj_list(self, params: dict[str, Any]) -> dict[str, Any]:
+        self.requests += 1
+        entries: list[tuple[str, Any]] = []
+        not_owned: list[int] = []
+        limit = int(params.get("limit", 1000))
+        for p in params["parts"]:
+            try:
+                h = self._host_for(p)
+            except RpcError:
+                not_owned.append(p)
+                continue
+            for key, meta in h.state.list(
+                params["b"],
+                params.get("prefix", ""),
+                params.get("delimiter", ""),
+                params.get("start_after", ""),
+                limit,
+            ):
+                entries.append((key, None if meta is None else meta_to_wire(meta)))
+        entries.sort(key=lambda e: e[0])
+        # merge duplicates of a common prefix found in several partitions
+        out: list[tuple[str, Any]] = []
+        for e in entries:
+            if out and out[-1][0] == e[0]:
+                continue
+            out.append(e)
+            if len(out) >= limit:
+                break
+        if not self.lease_valid():
+            raise RpcError("NotOwner", "lease expired")
+        return {"entries": out, "not_owned": not_owned}
+
+    async def rpc_bucket_count(self, params: dict[str, Any]) -> dict[str, Any]:
+        total = 0
+        not_owned: list[int] = []
+        for p in params["parts"]:
+            try:
+                h = self._host_for(p)
+            except RpcError:
+                not_owned.append(p)
+                continue
+            total += h.state.count(params["b"])
+        return {"count": total, "not_owned": not_owned}
+
+    async def rpc_status(self, params: Any) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "incarnation": self.incarnation,
+            "lease_valid": self.lease_valid(),
+            "serving": sorted(p for p, h in self.hosts.items() if h.serving),
+            "recovering": sorted(p for p, h in self.hosts.items() if h.status == "recovering"),
+            "epochs": {str(p): h.epoch for p, h in self.hosts.items()},
+            "objects": sum(h.state.object_count() for h in self.hosts.values()),
+            "requests": self.requests,
+        }
+
+
+async def serve(args: argparse.Namespace) -> None:
+    store = LocalStore(args.storage)
+    coord = RpcCoordinator(args.coordinator)
+    server = Server(
+        args.id,
+        store,
+        coord,
+        host=args.host,
+        port=args.port,
+        capacity=args.capacity,
+        standby=args.standby,
+    )
+    address = await server.start()
+    print(f"READY {address}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("stopping: flushing and releasing partitions")
+    await server.stop()
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="cohort-server")
+    ap.add_argument("--id", required=True)
+    ap.add_argument("--coordinator", required=True, help="host:port of the coordinator")
+    ap.add_argument("--storage", required=True, help="shared storage directory")
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=0)
+    ap.add_argument("--capacity", type=float, default=1.0)
+    ap.add_argument("--standby", action="store_true")
+    ap.add_argument("--log-file", default=None)
+    args = ap.parse_args(argv)
+    setup_logging(args.id, args.log_file)
+    import uvloop
+
+    uvloop.run(serve(args))
+
+
+if __name__ == "__main__":
+    main()

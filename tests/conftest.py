@@ -1,0 +1,84 @@
+"""Shared fixtures: real clusters of real processes on 127.0.0.1 ephemeral ports."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cohort.cluster import LocalCluster
+
+
+def wait_for(
+    cond: Callable[[], Any], timeout: float = 20.0, interval: float = 0.05, what: str = ""
+) -> Any:
+    """Poll ``cond`` until it returns a truthy value; fail the test after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        v = cond()
+        if v:
+            return v
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what or cond}")
+        time.sleep(interval)
+
+
+def s3_client(cluster: LocalCluster, **config: Any) -> Any:
+    import boto3
+    from botocore.config import Config
+
+    cfg = Config(
+        s3={"addressing_style": "path"},
+        retries={"max_attempts": config.pop("max_attempts", 3), "mode": "standard"},
+        connect_timeout=config.pop("connect_timeout", 5),
+        read_timeout=config.pop("read_timeout", 20),
+        **config,
+    )
+    return boto3.client(
+        "s3",
+        endpoint_url=cluster.s3_endpoint,
+        aws_access_key_id=cluster.creds["access_key"],
+        aws_secret_access_key=cluster.creds["secret_key"],
+        region_name="us-east-1",
+        config=cfg,
+    )
+
+
+def cluster_ready(cluster: LocalCluster) -> bool:
+    """Every partition has an owner that holds its lock."""
+    import asyncio
+
+    from cohort.coord.client import RpcCoordinator
+
+    async def check() -> bool:
+        c = RpcCoordinator(cluster.coordinator_address)
+        try:
+            v = await c.view()
+            return all(p[0] is not None and p[0] == p[2] for p in v["partitions"])
+        finally:
+            await c.close()
+
+    return asyncio.run(check())
+
+
+def start_cluster(tmp: Path, **kw: Any) -> LocalCluster:
+    kw.setdefault("port", 0)
+    kw.setdefault("partitions", 64)
+    c = LocalCluster(tmp, **kw).start()
+    wait_for(lambda: cluster_ready(c), what="all partitions owned")
+    return c
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    c = start_cluster(tmp_path_factory.mktemp("cluster"))
+    yield c
+    c.stop()
+
+
+@pytest.fixture(scope="module")
+def s3(cluster: LocalCluster) -> Any:
+    return s3_client(cluster)
