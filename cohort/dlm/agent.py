@@ -3,7 +3,7 @@
 Protocol (all messages one-way, FIFO per sender/receiver pair; see ``transport.py``)::
 
     LOOKUP    [1, epoch, root]                    requester -> directory
-    LOOKUP_R  [2, epoch, root, master]            directory -> requester
+    LOOKUP_R  [2, epoch, root, master, dead]      directory -> requester
     REQ       [3, name, lid, mode, flags, start, end, owner]   requester -> master
     CVT       [4, name, lid, mode, flags, value]  requester -> master
     REL       [5, name, lid, value]               requester -> master (no reply)
@@ -43,7 +43,7 @@ import inspect
 import itertools
 import logging
 import time
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Coroutine, Generator
 from types import TracebackType
 from typing import Any
 
@@ -236,19 +236,35 @@ class Handle:
         self.agent._release(self)
 
 
-class LockCall:
-    """What :meth:`LockAgent.lock` returns: ``await`` it for a :class:`Handle`, or use
-    ``async with`` to release on exit."""
+class LockCall(Coroutine[Any, Any, Handle]):
+    """What :meth:`LockAgent.lock` returns: ``await`` it (or ``create_task`` it) for a
+    :class:`Handle`, or use ``async with`` to release on exit."""
 
-    __slots__ = ("agent", "args", "handle")
+    __slots__ = ("_coro", "agent", "args", "handle")
 
     def __init__(self, agent: LockAgent, args: tuple[Any, ...]) -> None:
         self.agent = agent
         self.args = args
         self.handle: Handle | None = None
+        self._coro: Coroutine[Any, Any, Handle] | None = None
+
+    def _get(self) -> Coroutine[Any, Any, Handle]:
+        if self._coro is None:
+            self._coro = self.agent._acquire(*self.args)
+        return self._coro
 
     def __await__(self) -> Generator[Any, None, Handle]:
-        return self.agent._acquire(*self.args).__await__()
+        return self._get().__await__()
+
+    def send(self, value: Any) -> Any:
+        return self._get().send(value)
+
+    def throw(self, typ: Any, val: Any = None, tb: Any = None) -> Any:
+        return self._get().throw(typ, val, tb)
+
+    def close(self) -> None:
+        if self._coro is not None:
+            self._coro.close()
 
     async def __aenter__(self) -> Handle:
         self.handle = await self.agent._acquire(*self.args)
@@ -310,6 +326,7 @@ class LockAgent:
         self.unconfirmed: set[str] = set()
         # directory state
         self.dir_entries: dict[str, str] = {}
+        self.tombstones: dict[str, str] = {}
         self.dir_ready = True
         self.dir_syncs: dict[str, list[Any]] = {}
         self.dir_waiting: list[tuple[str, list[Any]]] = []
@@ -509,6 +526,20 @@ class LockAgent:
         if master == self.node_id and root not in self.recovering:
             # zero-message fast path
             h.master = master
+            if range is None:
+                res = self.table.grant_idle(full, h.key, mode, master, (master, owner), flags)
+                if res is not None:
+                    h.state = H_GRANTED
+                    h.mode = Mode(mode)
+                    h.token = res.token
+                    h.value = res.value
+                    h.value_valid = res.valid
+                    dead = res.dead_holder
+                    if dead is not None:
+                        h.previous_holder_died = dead
+                        if mode >= Mode.PW:
+                            res.dead_holder = None
+                    return h
             self._dispatch(self.table.request(
                 full, h.key, mode, node=self.node_id, owner=(self.node_id, owner), flags=flags,
                 start=h.start, end=h.end))
@@ -869,16 +900,23 @@ class LockAgent:
             self.dir_waiting.append((src, msg))
             return
         master = self.dir_entries.get(root)
+        dead = None
         if master is None:
             master = self.dir_entries[root] = src
-        self._send(src, [LOOKUP_R, e, root, master])
+            # the previous master died with nobody else interested: tell the new one
+            dead = self.tombstones.pop(root, None)
+        self._send(src, [LOOKUP_R, e, root, master, dead])
 
     def _m_lookup_r(self, src: str, msg: list[Any]) -> None:
-        _, e, root, master = msg
+        _, e, root, master, dead = msg
         if e != self.epoch or root not in self.resolving or master is None:
             return
         if master == self.node_id:
             self.master_of[root] = master
+            if dead is not None:
+                res = self.table.resource(root)
+                res.valid = False
+                res.dead_holder = dead
         self._resolved(root, master)
 
     # ---------------------------------------------------------------- recovery
@@ -925,7 +963,14 @@ class LockAgent:
         for root, _hs in list(self.resolving.items()):
             if root not in claims:
                 self._lookup_later(root)
-        # 3. the directory: rebuild from every member's DIRSYNC
+        # 3. the directory: rebuild from every member's DIRSYNC; remember roots whose
+        # master died (if this node stays their directory) so that the next master is
+        # told even if no survivor held a lock on them
+        for root, m in self.dir_entries.items():
+            if m in dead and self._directory(root) == me:
+                self.tombstones[root] = m
+        for root in [r for r in self.tombstones if self._directory(r) != me]:
+            del self.tombstones[root]
         self.dir_entries = {}
         self.dir_syncs = {}
         self.dir_waiting = []
@@ -965,6 +1010,7 @@ class LockAgent:
         for root in sorted(claimants):
             cl = claimants[root]
             master = self.dir_entries.get(root)
+            self.tombstones.pop(root, None)
             if master is None:
                 master = self.dir_entries[root] = min(cl)
             for node in sorted(cl | {master}):

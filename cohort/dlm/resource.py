@@ -323,6 +323,27 @@ class LockTable:
         self._basts(res, res.converting + res.waiting, events)
         return events
 
+    def grant_idle(
+        self, name: str, key: Any, mode: int, node: str, owner: Any, flags: int
+    ) -> Resource | None:
+        """Fast path of :meth:`request` for a whole-resource lock: if ``name`` has no
+        locks at all, grant at once and return the resource (token, value and
+        dead_holder as they were *before* this grant are the caller's to read from the
+        returned lock via ``locks[key]``).  Returns None (nothing done) otherwise."""
+        res = self.resources.get(name)
+        if res is None:
+            res = self.resources[name] = Resource(name, self.epoch << 32)
+        elif res.granted or res.waiting or res.converting:
+            return None
+        lk = Lock(key, node, owner, mode, flags, 0, RANGE_MAX, res)
+        self.locks[key] = lk
+        res.token += 1
+        lk.token = res.token
+        lk.mode = mode
+        lk.state = GRANTED
+        res.granted[key] = lk
+        return res
+
     def convert(
         self,
         key: Any,
