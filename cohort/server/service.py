@@ -33,6 +33,7 @@ from typing import Any
 from cohort.coord.base import Coordinator
 from cohort.coord.client import RpcCoordinator
 from cohort.logs import setup_logging
+from cohort.metrics import InstrumentedStore, ServerMetrics, start_metrics_server
 from cohort.partitioning import partition_of
 from cohort.rpc import RpcError, RpcServer
 from cohort.server.host import NotServing, PartitionHost
@@ -59,14 +60,19 @@ class Server:
         standby: bool = False,
     ) -> None:
         self.id = member_id
-        self.store = store
+        self.metrics = ServerMetrics(member_id)
+        self.metrics_address = ""
+        self._metrics_runner: Any = None
+        self.store: Store = InstrumentedStore(store, self.metrics)
         self.coord = coordinator
         self.bind = (host, port)
         self.capacity = capacity
         self.standby = standby
         self.rpc = RpcServer()
         for name in ("obj.put", "obj.get", "obj.delete", "obj.list", "bucket.count", "status"):
-            self.rpc.register(name, getattr(self, "rpc_" + name.replace(".", "_")))
+            handler = getattr(self, "rpc_" + name.replace(".", "_"))
+            self.rpc.register(name, self.metrics.instrument(name, handler))
+        self.metrics.watch_server(self)
         self.address = ""
         self.incarnation = ""
         self.lease_ttl = 2.5
@@ -86,6 +92,9 @@ class Server:
     async def start(self) -> str:
         port = await self.rpc.start(*self.bind)
         self.address = f"{self.bind[0]}:{port}"
+        self._metrics_runner, self.metrics_address = await start_metrics_server(
+            self.metrics, self.bind[0]
+        )
         await self._join()
         self._tasks = [
             asyncio.create_task(self._heartbeat_loop()),
@@ -106,6 +115,7 @@ class Server:
                         "capacity": self.capacity,
                         "standby": self.standby,
                         "pid": os.getpid(),
+                        "meta": {"metrics": self.metrics_address},
                     }
                 )
                 break
@@ -137,6 +147,8 @@ class Server:
         self.hosts.clear()
         await self.rpc.close()
         await self.coord.close()
+        if self._metrics_runner is not None:
+            await self._metrics_runner.cleanup()
 
     # -- membership ------------------------------------------------------------------------
     async def _heartbeat_loop(self) -> None:
@@ -146,6 +158,7 @@ class Server:
             t_send = time.monotonic()
             try:
                 r = await self.coord.heartbeat(self.id, self.incarnation)
+                self.metrics.lease_renewals.inc()
                 # Only a reply proves the lease was renewed, and only from when we sent it.
                 self.lease_deadline = max(
                     self.lease_deadline, t_send + self.lease_ttl - LEASE_MARGIN
@@ -153,6 +166,7 @@ class Server:
                 if r.get("version", -1) > self.view.get("version", -1):
                     self._rejoin.set()  # nudge: the watch loop will catch up anyway
             except RpcError as e:
+                self.metrics.lease_failures.inc()
                 if e.code == "UnknownMember":
                     log.error(
                         "coordinator declared us dead; dropping all partitions and re-joining"
@@ -165,6 +179,7 @@ class Server:
                 log.error(
                     "lease lost (no renewal in time): self-fencing %d partitions", len(self.hosts)
                 )
+                self.metrics.lease_lost.inc()
                 await self._drop_all("lease lost")
             self._reap_failed_hosts()
 
@@ -264,6 +279,9 @@ class Server:
             self.hosts[p] = host
             try:
                 await host.recover()
+                self.metrics.acquisitions.inc()
+                self.metrics.replay_seconds.observe(host.recovery_seconds)
+                self.metrics.replay_records.inc(host.replayed_records)
             except Exception:
                 log.exception("recovery of partition %d failed", p, extra={"partition": p})
                 self.hosts.pop(p, None)
