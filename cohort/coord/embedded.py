@@ -28,6 +28,7 @@ import msgspec
 
 from cohort.coord.state import CoordinatorError, CoordinatorState
 from cohort.logs import setup_logging
+from cohort.metrics import CoordinatorMetrics, start_metrics_server
 from cohort.rpc import RpcError, RpcServer
 
 log = logging.getLogger("cohort.coord")
@@ -83,12 +84,16 @@ class EmbeddedCoordinator:
             "set_state": self.set_state,
             "events": self.events,
         }
+        self.metrics = CoordinatorMetrics(lambda: self.state)
+        self.metrics_address = ""
+        self._metrics_runner: Any = None
         for name, h in handlers.items():
-            self.rpc.register(name, h)
+            self.rpc.register(name, self.metrics.instrument(name, h))
         self._tick_task: asyncio.Task[None] | None = None
 
     async def start(self, host: str, port: int) -> int:
         bound = await self.rpc.start(host, port)
+        self._metrics_runner, self.metrics_address = await start_metrics_server(self.metrics, host)
         self._tick_task = asyncio.create_task(self._tick_loop())
         return bound
 
@@ -96,6 +101,13 @@ class EmbeddedCoordinator:
         if self._tick_task:
             self._tick_task.cancel()
         await self.rpc.close()
+        if self._metrics_runner is not None:
+            await self._metrics_runner.cleanup()
+
+    def _view(self) -> dict[str, Any]:
+        v = self.state.view()
+        v["coordinator"] = {"metrics": self.metrics_address}
+        return v
 
     async def _commit(self) -> None:
         """Persist if anything changed, then wake watchers."""
@@ -153,7 +165,7 @@ class EmbeddedCoordinator:
         await self._commit()
 
     async def view(self, p: Any) -> dict[str, Any]:
-        return self.state.view()
+        return self._view()
 
     async def watch(self, p: dict[str, Any]) -> dict[str, Any]:
         """Long poll: returns the view once its version exceeds ``since`` (or at timeout)."""
@@ -165,7 +177,7 @@ class EmbeddedCoordinator:
                     await asyncio.wait_for(
                         self.changed.wait_for(lambda: self.persisted_version > since), timeout
                     )
-        return self.state.view()
+        return self._view()
 
     async def acquire_partition(self, p: dict[str, Any]) -> dict[str, Any]:
         token = self._wrap(
