@@ -18,6 +18,12 @@ Protocol (all messages one-way, FIFO per sender/receiver pair; see ``transport.p
     RECOVERED [14, epoch, root]                   new master -> claimants
     DLQ       [15, qid]  /  DLA [16, qid, edges]  deadlock search: query / answer
     VICTIM    [17, name, node, lid]               search initiator -> master
+    DIRCOPY   [18, epoch, entries, tombstones]    directory -> its backup (one-way)
+
+The directory entry of a new root is copied (one one-way DIRCOPY) to a backup directory
+node, the runner-up of the rendezvous hash, which becomes the directory if the primary
+dies; so a single failure never loses the fact that a dead node mastered a resource,
+and its next master is told (value block invalid, ``previous_holder_died``).
 
 Costs: a lock on a resource this node masters: 0 messages.  First lock on a resource
 mastered elsewhere: LOOKUP/LOOKUP_R (0 if this node is the directory) then REQ/GRANT.
@@ -68,7 +74,7 @@ log = logging.getLogger("cohort.dlm")
 SEP = "\x1f"  # separates a child's name from its parent's in the full resource name
 
 LOOKUP, LOOKUP_R, REQ, CVT, REL, CANCEL, GRANT, DENY, BAST, NOTMASTER = range(1, 11)
-DIRSYNC, ORPHAN, RECOVER, RECOVERED, DLQ, DLA, VICTIM = range(11, 18)
+DIRSYNC, ORPHAN, RECOVER, RECOVERED, DLQ, DLA, VICTIM, DIRCOPY = range(11, 19)
 
 # handle states
 H_PENDING = 0  # request not granted yet
@@ -79,16 +85,21 @@ H_DONE = 3  # released, denied or lost
 BlockingCallback = Callable[[Mode], Any]
 
 
+def _rv_hash(m: str, root: str) -> int:
+    return int.from_bytes(hashlib.blake2b(f"{m}\0{root}".encode(), digest_size=8).digest(), "big")
+
+
 def rendezvous(root: str, members: list[str]) -> str:
     """The directory node of ``root``: highest hash of (member, root).  A membership
     change only moves the entries of the nodes that came or went."""
-    best = ""
-    best_h = -1
-    for m in members:
-        h = int.from_bytes(hashlib.blake2b(f"{m}\0{root}".encode(), digest_size=8).digest(), "big")
-        if h > best_h:
-            best_h, best = h, m
-    return best
+    return max(members, key=lambda m: _rv_hash(m, root))
+
+
+def rendezvous_backup(root: str, members: list[str]) -> str | None:
+    """The runner-up of :func:`rendezvous`: holds a copy of the directory entry."""
+    if len(members) < 2:
+        return None
+    return sorted(members, key=lambda m: _rv_hash(m, root))[-2]
 
 
 class LostFlag:
@@ -327,6 +338,8 @@ class LockAgent:
         # directory state
         self.dir_entries: dict[str, str] = {}
         self.tombstones: dict[str, str] = {}
+        self.dir_copies: dict[str, str] = {}  # entries this node backs up
+        self.tomb_copies: dict[str, str] = {}
         self.dir_ready = True
         self.dir_syncs: dict[str, list[Any]] = {}
         self.dir_waiting: list[tuple[str, list[Any]]] = []
@@ -656,12 +669,22 @@ class LockAgent:
     async def _convert(
         self, h: Handle, mode: Mode, timeout: float | None, noqueue: bool, quecvt: bool
     ) -> None:
+        self.start_convert(h, mode, (NOQUEUE if noqueue else 0) | (QUECVT if quecvt else 0))
+        if h.state == H_CONVERTING:
+            await self._wait(h, timeout)
+        elif h.error is not None:
+            err, h.error = h.error, None
+            raise err
+
+    def start_convert(self, h: Handle, mode: int, flags: int = 0) -> None:
+        """Start converting granted lock ``h`` to ``mode`` without waiting (sans-I/O
+        entry point).  ``flags``: NOQUEUE and/or QUECVT.  A staged value is written
+        if ``h`` is held in PW/EX."""
+        if self.fenced or h.state == H_DONE:
+            h.check()
         if h.state != H_GRANTED:
-            if h.state == H_DONE:
-                h.check()
             raise UsageError(f"lock on {h.name!r} has a conversion in progress")
-        flags = (h.flags & ~(NOQUEUE | QUECVT)) | (NOQUEUE if noqueue else 0) | (
-            QUECVT if quecvt else 0)
+        flags = (h.flags & ~(NOQUEUE | QUECVT)) | (flags & (NOQUEUE | QUECVT))
         h.flags = flags
         h.rqmode = mode
         h.state = H_CONVERTING
@@ -672,11 +695,6 @@ class LockAgent:
         else:
             assert master is not None
             self._send(master, [CVT, h.name, h.lid, mode, flags, value])
-        if h.state == H_CONVERTING:
-            await self._wait(h, timeout)
-        elif h.error is not None:
-            err, h.error = h.error, None
-            raise err
 
     # ---------------------------------------------------------------- results
     def _granted(
@@ -770,6 +788,9 @@ class LockAgent:
         self.buffered.clear()
         self.unconfirmed.clear()
         self.dir_entries.clear()
+        self.dir_copies.clear()
+        self.tomb_copies.clear()
+        self.tombstones.clear()
         self.dir_syncs.clear()
         self.dir_waiting.clear()
         self.future_msgs.clear()
@@ -807,6 +828,13 @@ class LockAgent:
             self._m_lookup(src, msg)
         elif op == LOOKUP_R:
             self._m_lookup_r(src, msg)
+        elif op == DIRCOPY:
+            if msg[1] == self.epoch:
+                for root, m in msg[2]:
+                    self.dir_copies[root] = m
+                    self.tomb_copies.pop(root, None)
+                for root, m in msg[3]:
+                    self.tomb_copies[root] = m
         elif op in (DIRSYNC, ORPHAN, RECOVER, RECOVERED):
             if msg[1] == self.epoch:
                 if op == DIRSYNC:
@@ -905,6 +933,9 @@ class LockAgent:
             master = self.dir_entries[root] = src
             # the previous master died with nobody else interested: tell the new one
             dead = self.tombstones.pop(root, None)
+            backup = rendezvous_backup(root, self._member_list)
+            if backup is not None:
+                self._send(backup, [DIRCOPY, e, [[root, master]], []])
         self._send(src, [LOOKUP_R, e, root, master, dead])
 
     def _m_lookup_r(self, src: str, msg: list[Any]) -> None:
@@ -960,33 +991,35 @@ class LockAgent:
         # up: look up again once the directory is ready
         for root in claims:
             self.resolving.setdefault(root, [])
-        for root, _hs in list(self.resolving.items()):
-            if root not in claims:
-                self._lookup_later(root)
         # 3. the directory: rebuild from every member's DIRSYNC; remember roots whose
         # master died (if this node stays their directory) so that the next master is
         # told even if no survivor held a lock on them
-        for root, m in self.dir_entries.items():
-            if m in dead and self._directory(root) == me:
-                self.tombstones[root] = m
+        for entries in (self.dir_entries, self.dir_copies):
+            for root, m in entries.items():
+                if m in dead and self._directory(root) == me:
+                    self.tombstones[root] = m
+        for root, m in self.tomb_copies.items():
+            if self._directory(root) == me:
+                self.tombstones.setdefault(root, m)
         for root in [r for r in self.tombstones if self._directory(r) != me]:
             del self.tombstones[root]
+        self.dir_copies = {}
+        self.tomb_copies = {}
         self.dir_entries = {}
         self.dir_syncs = {}
         self.dir_waiting = []
         self.dir_ready = False
         for m in self._member_list:
             self._send(m, [DIRSYNC, self.epoch, masters.get(m, []), orphans.get(m, [])])
+        for root in list(self.resolving):
+            if root not in claims:
+                self._lookup(root)  # the directory holds it until it is ready
         # 4. abort deadlock searches of older epochs
         self._searches.clear()
         # 5. messages that arrived early for this epoch
         early, self.future_msgs = self.future_msgs, []
         for src, msg in early:
             self._on_message(src, msg)
-
-    def _lookup_later(self, root: str) -> None:
-        # the lookup is sent now; the directory holds it until it is ready
-        self._lookup(root)
 
     def _drop_tree(self, root: str) -> None:
         t = self.table
@@ -1017,9 +1050,22 @@ class LockAgent:
                 self._send(node, [ORPHAN, e, root, master, sorted(cl)])
         self.dir_ready = True
         self.dir_syncs = {}
+        # refresh the backups' copies (one message per backup node)
+        copies: dict[str, list[list[Any]]] = {}
+        tombs: dict[str, list[list[Any]]] = {}
+        for root, m in self.dir_entries.items():
+            b = rendezvous_backup(root, self._member_list)
+            if b is not None:
+                copies.setdefault(b, []).append([root, m])
+        for root, m in self.tombstones.items():
+            b = rendezvous_backup(root, self._member_list)
+            if b is not None:
+                tombs.setdefault(b, []).append([root, m])
+        for b in sorted(set(copies) | set(tombs)):
+            self._send(b, [DIRCOPY, e, copies.get(b, []), tombs.get(b, [])])
         waiting, self.dir_waiting = self.dir_waiting, []
-        for s, m in waiting:
-            self._m_lookup(s, m)
+        for src_, msg_ in waiting:
+            self._m_lookup(src_, msg_)
 
     def _my_lock_records(self, root: str) -> list[list[Any]]:
         out: list[list[Any]] = []
@@ -1202,4 +1248,4 @@ async def wait_until(pred: Callable[[], bool], timeout: float = 5.0, step: float
 
 
 __all__ = ["Handle", "LockAgent", "LockCall", "LostFlag", "rendezvous", "wait_until"]
-_EPOCH_OPS = frozenset({LOOKUP, DIRSYNC, ORPHAN, RECOVER, RECOVERED})
+_EPOCH_OPS = frozenset({LOOKUP, DIRSYNC, ORPHAN, RECOVER, RECOVERED, DIRCOPY})

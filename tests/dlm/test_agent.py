@@ -7,7 +7,7 @@ import asyncio
 import pytest
 from dlm_helpers import make_cluster, poll, settle
 
-from cohort.dlm.agent import LockAgent, rendezvous
+from cohort.dlm.agent import LockAgent, rendezvous, rendezvous_backup
 from cohort.dlm.errors import DeadlockError, LockLost, LockTimeout, NotQueued, UsageError
 from cohort.dlm.modes import Mode
 from cohort.dlm.transport import MemoryNetwork
@@ -37,10 +37,13 @@ async def test_message_pattern() -> None:
     r = name_with("n2", None, members)  # directory is c
     net.reset_counters()
     h = await a.lock(r, EX)  # first locker: lookup at c (2 msgs), becomes master
-    assert net.messages == 2
+    await settle(net)
+    # + one one-way copy of the new directory entry to the backup directory node
+    assert net.messages == 2 + 1
+    assert net.by_opcode[18] == 1
     await h.release()
     await settle(net)
-    assert net.messages == 2  # release on own master: 0
+    assert net.messages == 3  # release on own master: 0
     net.reset_counters()
     for _ in range(10):  # local master: zero messages
         async with a.lock(r, PR):
@@ -66,7 +69,7 @@ async def test_message_pattern() -> None:
     net.reset_counters()
     r2 = name_with("n2", None, members, prefix="s")
     h = await c.lock(r2, EX)
-    assert net.messages == 0
+    assert net.messages == 1 and net.by_opcode[18] == 1  # the backup copy only
     await h.release()
     assert net.max_message <= 64
 
