@@ -20,7 +20,7 @@ import logging
 import time
 import urllib.parse
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -33,7 +33,7 @@ from cohort.rpc import RpcError
 from cohort.s3 import names, xmlio
 from cohort.s3.checksums import parse_checksum_headers
 from cohort.s3.chunked import AwsChunkedDecoder
-from cohort.s3.errors import S3Error
+from cohort.s3.errors import ERROR_TABLE, S3Error
 from cohort.s3.sigv4 import AuthResult, verify
 from cohort.server.state import ObjectMeta, meta_from_wire, meta_to_wire
 from cohort.storage.base import NotFound, Store
@@ -78,7 +78,12 @@ class S3App:
         self.member_id = member_id
         self.requests = 0
         self.errors = 0
+        # hooks for cohort.admin, set by the director service: per-request metrics, and the
+        # operator endpoints under /_cohort/ (bucket names cannot start with "_")
+        self.on_request: Callable[[str, int, float], None] | None = None
+        self.admin: Callable[[web.Request], Awaitable[web.StreamResponse]] | None = None
         self.app = web.Application(client_max_size=MAX_SINGLE_PUT)
+        self.app.router.add_route("*", "/_cohort/{tail:.*}", self._admin)
         self.app.router.add_route("*", "/{tail:.*}", self.handle)
         self.handlers: dict[str, Callable[[web.Request, str, str], Any]] = {
             "ListBuckets": self.list_buckets,
@@ -95,11 +100,25 @@ class S3App:
             "GetObject": self.get_object,
             "HeadObject": self.get_object,
             "DeleteObject": self.delete_object,
+            "CreateMultipartUpload": self.create_multipart,
+            "UploadPart": self.upload_part,
+            "UploadPartCopy": self.upload_part,
+            "CompleteMultipartUpload": self.complete_multipart,
+            "AbortMultipartUpload": self.abort_multipart,
+            "ListParts": self.list_parts,
+            "ListMultipartUploads": self.list_uploads,
         }
 
     # -- the shell -------------------------------------------------------------------------
+    async def _admin(self, request: web.Request) -> web.StreamResponse:
+        if self.admin is None:
+            raise web.HTTPNotFound()
+        return await self.admin(request)
+
     async def handle(self, request: web.Request) -> web.StreamResponse:
         self.requests += 1
+        t0 = time.perf_counter()
+        op = "Unknown"
         rid = uuid.uuid4().hex[:16].upper()
         request["rid"] = rid
         resource = request.path
@@ -108,6 +127,7 @@ class S3App:
             bucket, key = split_path(urllib.parse.unquote(raw_path))
             query = dict(urllib.parse.parse_qsl(request.query_string, keep_blank_values=True))
             req = classify(request.method, bucket, key, query, request.headers)
+            op = req.op
             request["auth"] = self.authenticate(request, raw_path)
             handler = self.handlers.get(req.op)
             if handler is None:
@@ -129,6 +149,8 @@ class S3App:
             resp.headers["x-amz-request-id"] = rid
             resp.headers["x-amz-id-2"] = rid
             resp.headers["Server"] = "Cohort"
+        if self.on_request is not None:
+            self.on_request(op, resp.status, time.perf_counter() - t0)
         return resp
 
     def error_response(self, request: web.Request, e: S3Error, resource: str) -> web.Response:
@@ -164,7 +186,12 @@ class S3App:
         return partition_of(bucket_id, key, self.router.partition_count)
 
     async def call(self, p: int, method: str, params: dict[str, Any]) -> Any:
-        return await self.router.call(p, method, params)
+        try:
+            return await self.router.call(p, method, params)
+        except RpcError as e:
+            if e.code in ERROR_TABLE:  # the owner answered with an S3 error
+                raise S3Error(e.code, e.message or None) from None
+            raise
 
     # -- buckets ---------------------------------------------------------------------------
     async def list_buckets(self, request: web.Request, bucket: str, key: str) -> web.Response:
@@ -427,9 +454,16 @@ class S3App:
         try:
             checksums, md5 = sink[0]
             meta = self._meta_from_headers(request, size, md5, bkey if size else None, checksums)
-            await self._conditional_put(request, bid, key, p)
             await self.call(
-                p, "obj.put", {"b": bid, "k": key, "m": meta_to_wire(meta), "rid": blob_id}
+                p,
+                "obj.put",
+                {
+                    "b": bid,
+                    "k": key,
+                    "m": meta_to_wire(meta),
+                    "rid": blob_id,
+                    "cond": self._write_conditions(request),
+                },
             )
         except BaseException:
             await self.store.delete(bkey)
@@ -441,17 +475,17 @@ class S3App:
             headers[f"x-amz-checksum-{alg.lower()}"] = v
         return web.Response(headers=headers)
 
-    async def _conditional_put(self, request: web.Request, bid: str, key: str, p: int) -> None:
-        if "If-None-Match" not in request.headers and "If-Match" not in request.headers:
-            return
-        # Checked at the owner just before the commit.  (Not atomic with the commit yet:
-        # a concurrent writer can slip in between; moving the check into the server's
-        # commit is part of issue 5.)
-        r = await self.call(p, "obj.get", {"b": bid, "k": key})
-        meta = None if r is None else meta_from_wire(r["m"])
-        names.check_conditions(
-            request.headers, meta.etag if meta else None, meta.mtime if meta else None, method="PUT"
-        )
+    @staticmethod
+    def _write_conditions(request: web.Request) -> dict[str, str] | None:
+        """``If-None-Match`` / ``If-Match`` on a write, checked atomically by the owner."""
+        cond: dict[str, str] = {}
+        inm = request.headers.get("If-None-Match")
+        if inm is not None:
+            cond["if_none_match"] = inm.strip().strip('"')
+        im = request.headers.get("If-Match")
+        if im is not None:
+            cond["if_match"] = im.strip().strip('"')
+        return cond or None
 
     async def _lookup(self, bucket: str, key: str) -> tuple[str, int, ObjectMeta]:
         bid = await self.bucket_id(bucket)
@@ -496,27 +530,45 @@ class S3App:
         if request.method == "HEAD":
             # aiohttp keeps an explicit Content-Length on a body-less HEAD response
             return web.Response(status=status, headers=headers)
-        if length == 0 or meta.blob is None:
+        if length == 0 or not meta.blobs():
             return web.Response(status=status, headers=headers, body=b"")
+        body = self.read_body(meta, start, length)
         if length <= SMALL_OBJECT:
             try:
-                data = await self.store.read_range(meta.blob, start, length)
+                data = b"".join([c async for c in body])
             except NotFound:
                 raise S3Error("NoSuchKey", resource=f"/{bucket}/{key}") from None
             return web.Response(status=status, headers=headers, body=data)
         resp = web.StreamResponse(status=status, headers=headers)
         resp.content_length = length
         await resp.prepare(request)
-        pos = start
-        while pos <= end:
-            n = min(READ_CHUNK, end - pos + 1)
-            data = await self.store.read_range(meta.blob, pos, n)
-            if not data:
-                break
+        async for data in body:
             await resp.write(data)
-            pos += len(data)
         await resp.write_eof()
         return resp
+
+    async def read_body(self, meta: ObjectMeta, start: int, length: int) -> AsyncIterator[bytes]:
+        """``length`` bytes of an object's body from offset ``start`` (across the segments
+        of a multipart object), in chunks of at most READ_CHUNK."""
+        segments = [(meta.blob, meta.size)] if meta.blob else list(meta.segments)
+        offset = 0
+        remaining = length
+        for blob, size in segments:
+            if remaining <= 0:
+                break
+            if start >= offset + size:
+                offset += size
+                continue
+            pos = max(0, start - offset)
+            while pos < size and remaining > 0:
+                n = min(READ_CHUNK, size - pos, remaining)
+                data = await self.store.read_range(blob, pos, n)
+                if not data:
+                    raise S3Error("InternalError", "object body shorter than its metadata says")
+                yield data
+                pos += len(data)
+                remaining -= len(data)
+            offset += size
 
     async def delete_object(self, request: web.Request, bucket: str, key: str) -> web.Response:
         names.validate_key(key)
@@ -586,21 +638,10 @@ class S3App:
         p = self.partition(bid, key)
         blob_id = uuid.uuid4().hex
         new_blob: str | None = None
-        if smeta.blob is not None and smeta.size:
+        if smeta.blobs() and smeta.size:
             new_blob = blob_key(p, blob_id)
-            src_blob = smeta.blob
-
-            async def chunks() -> AsyncIterator[bytes]:
-                pos = 0
-                while pos < smeta.size:
-                    data = await self.store.read_range(src_blob, pos, READ_CHUNK)
-                    if not data:
-                        raise S3Error("InternalError", "source object changed during copy")
-                    pos += len(data)
-                    yield data
-
             try:
-                await self.store.put_stream(new_blob, chunks())
+                await self.store.put_stream(new_blob, self.read_body(smeta, 0, smeta.size))
             except NotFound:
                 raise S3Error("NoSuchKey", resource=src) from None
         if directive == "REPLACE":
@@ -628,4 +669,209 @@ class S3App:
                 await self.store.delete(new_blob)
             raise
         body = xmlio.render_copy_object(meta.etag, _dt(meta.mtime), meta.checksums or None)
+        return web.Response(body=body, content_type="application/xml")
+
+    # -- multipart uploads -------------------------------------------------------------------
+    async def _upload_target(
+        self, request: web.Request, bucket: str, key: str
+    ) -> tuple[str, int, str]:
+        names.validate_key(key)
+        bid = await self.bucket_id(bucket)
+        upload_id = request.query.get("uploadId", "")
+        if not upload_id:
+            raise S3Error("NoSuchUpload", resource=key)
+        return bid, self.partition(bid, key), upload_id
+
+    async def create_multipart(self, request: web.Request, bucket: str, key: str) -> web.Response:
+        names.validate_key(key)
+        bid = await self.bucket_id(bucket)
+        p = self.partition(bid, key)
+        upload_id = uuid.uuid4().hex
+        template = self._meta_from_headers(request, 0, "", None, {})
+        await self.call(
+            p, "mpu.create", {"b": bid, "k": key, "u": upload_id, "m": meta_to_wire(template)}
+        )
+        body = xmlio.render_initiate_multipart(bucket, key, upload_id)
+        return web.Response(body=body, content_type="application/xml")
+
+    async def upload_part(self, request: web.Request, bucket: str, key: str) -> web.Response:
+        bid, p, upload_id = await self._upload_target(request, bucket, key)
+        n = names.parse_part_number(request.query.get("partNumber"))
+        blob_id = uuid.uuid4().hex
+        bkey = blob_key(p, blob_id)
+        copy = "x-amz-copy-source" in request.headers
+        checksums: dict[str, str] = {}
+        if copy:
+            src_bucket, src_key, _ = names.parse_copy_source(request.headers["x-amz-copy-source"])
+            _, _, smeta = await self._lookup(src_bucket, src_key)
+            rng = request.headers.get("x-amz-copy-source-range")
+            start, end = (
+                names.parse_copy_source_range(rng, smeta.size) if rng else (0, smeta.size - 1)
+            )
+            md5 = hashlib.md5()
+
+            async def copied() -> AsyncIterator[bytes]:
+                async for chunk in self.read_body(smeta, start, end - start + 1):
+                    md5.update(chunk)
+                    yield chunk
+
+            size = await self.store.put_stream(bkey, copied())
+            etag = md5.hexdigest()
+        else:
+            sink: list[Any] = []
+            size = await self.store.put_stream(
+                bkey, self._body_chunks(request, request["auth"], sink)
+            )
+            checksums, etag = sink[0]
+        part = {
+            "size": size,
+            "etag": etag,
+            "blob": bkey if size else None,
+            "mtime": time.time(),
+            "checksums": checksums,
+        }
+        try:
+            await self.call(
+                p,
+                "mpu.part",
+                {
+                    "b": bid,
+                    "k": key,
+                    "u": upload_id,
+                    "n": n,
+                    "p": [
+                        part["size"],
+                        part["etag"],
+                        part["blob"],
+                        part["mtime"],
+                        part["checksums"],
+                    ],
+                    "rid": blob_id,
+                },
+            )
+        except BaseException:
+            await self.store.delete(bkey)
+            raise
+        if not size:
+            await self.store.delete(bkey)
+        if copy:
+            body = xmlio.render_copy_part(etag, _dt(float(part["mtime"])))  # type: ignore[arg-type]
+            return web.Response(body=body, content_type="application/xml")
+        headers = {"ETag": f'"{etag}"'}
+        for alg, v in checksums.items():
+            headers[f"x-amz-checksum-{alg.lower()}"] = v
+        return web.Response(headers=headers)
+
+    async def complete_multipart(self, request: web.Request, bucket: str, key: str) -> web.Response:
+        bid, p, upload_id = await self._upload_target(request, bucket, key)
+        parts = xmlio.parse_complete_multipart(await request.read())
+        r = await self.call(
+            p,
+            "mpu.complete",
+            {
+                "b": bid,
+                "k": key,
+                "u": upload_id,
+                "rid": uuid.uuid4().hex,
+                "parts": [[cp.part_number, cp.etag] for cp in parts],
+            },
+        )
+        if r.get("m") is None:
+            raise S3Error("NoSuchUpload", resource=key)
+        meta = meta_from_wire(r["m"])
+        location = f"{request.scheme}://{request.host}/{bucket}/{urllib.parse.quote(key)}"
+        body = xmlio.render_complete_multipart(location, bucket, key, meta.etag)
+        return web.Response(body=body, content_type="application/xml")
+
+    async def abort_multipart(self, request: web.Request, bucket: str, key: str) -> web.Response:
+        bid, p, upload_id = await self._upload_target(request, bucket, key)
+        await self.call(p, "mpu.abort", {"b": bid, "k": key, "u": upload_id})
+        return web.Response(status=204)
+
+    async def list_parts(self, request: web.Request, bucket: str, key: str) -> web.Response:
+        bid, p, upload_id = await self._upload_target(request, bucket, key)
+        up = await self.call(p, "mpu.get", {"b": bid, "k": key, "u": upload_id})
+        marker = names.parse_int_param(
+            request.query.get("part-number-marker"), "part-number-marker", default=0
+        )
+        max_parts = names.parse_int_param(
+            request.query.get("max-parts"), "max-parts", default=1000, maximum=1000
+        )
+        numbers = sorted(int(n) for n in up["parts"] if int(n) > marker)
+        page = numbers[:max_parts]
+        truncated = len(numbers) > max_parts
+        infos = []
+        for n in page:
+            size, etag, _blob, mtime, cks = up["parts"][n]
+            infos.append(xmlio.PartInfo(n, _dt(mtime), etag, size, cks))
+        owner = xmlio.Owner(request["auth"].access_key, request["auth"].access_key)
+        body = xmlio.render_list_parts(
+            xmlio.ListPartsResult(
+                bucket=bucket,
+                key=key,
+                upload_id=upload_id,
+                parts=infos,
+                part_number_marker=marker,
+                next_part_number_marker=page[-1] if truncated else None,
+                max_parts=max_parts,
+                is_truncated=truncated,
+                initiator=owner,
+                owner=owner,
+            )
+        )
+        return web.Response(body=body, content_type="application/xml")
+
+    async def list_uploads(self, request: web.Request, bucket: str, key: str) -> web.Response:
+        bid = await self.bucket_id(bucket)
+        q = request.query
+        prefix = q.get("prefix", "")
+        delimiter = q.get("delimiter", "")
+        key_marker = q.get("key-marker", "")
+        id_marker = q.get("upload-id-marker", "")
+        max_uploads = names.parse_int_param(
+            q.get("max-uploads"), "max-uploads", default=1000, maximum=1000
+        )
+        results = await self.router.scatter("mpu.list", {"b": bid, "prefix": prefix})
+        found = sorted(
+            (k, u, t)
+            for r in results
+            for k, u, t in r["uploads"]
+            if (k, u) > (key_marker, id_marker if key_marker else "")
+        )
+        uploads: list[xmlio.UploadInfo] = []
+        prefixes: list[str] = []
+        truncated = False
+        last: tuple[str, str] | None = None
+        for k, u, t in found:
+            if delimiter:
+                i = k.find(delimiter, len(prefix))
+                if i >= 0:
+                    cp = k[: i + len(delimiter)]
+                    if cp not in prefixes:
+                        if len(uploads) + len(prefixes) >= max_uploads:
+                            truncated = True
+                            break
+                        prefixes.append(cp)
+                    continue
+            if len(uploads) + len(prefixes) >= max_uploads:
+                truncated = True
+                break
+            uploads.append(xmlio.UploadInfo(k, u, _dt(t)))
+            last = (k, u)
+        body = xmlio.render_list_multipart_uploads(
+            xmlio.ListUploadsResult(
+                bucket=bucket,
+                uploads=uploads,
+                common_prefixes=prefixes,
+                prefix=prefix,
+                delimiter=delimiter or None,
+                key_marker=key_marker,
+                upload_id_marker=id_marker,
+                next_key_marker=last[0] if truncated and last else None,
+                next_upload_id_marker=last[1] if truncated and last else None,
+                max_uploads=max_uploads,
+                is_truncated=truncated,
+                encoding_type=q.get("encoding-type"),
+            )
+        )
         return web.Response(body=body, content_type="application/xml")

@@ -12,10 +12,12 @@ import socket
 
 from aiohttp import web
 
+from cohort.admin.web import AdminApp
 from cohort.coord.client import RpcCoordinator
 from cohort.director.router import Router
 from cohort.director.s3app import S3App
 from cohort.logs import setup_logging
+from cohort.metrics import DirectorMetrics
 from cohort.rpc import RpcError
 from cohort.storage.local import LocalStore
 
@@ -54,6 +56,11 @@ async def serve(args: argparse.Namespace) -> None:
     keys = load_keys(args.credentials)
     store = LocalStore(args.storage)
     s3 = S3App(router, store, keys.get, member_id=args.id)
+    metrics = DirectorMetrics(args.id)
+    metrics.watch_router(router)
+    s3.on_request = metrics.observe
+    admin = AdminApp(router, metrics, keys.get, args.id)
+    s3.admin = admin.handle
     runner = web.AppRunner(s3.app, access_log=None, handle_signals=False)
     await runner.setup()
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -72,6 +79,7 @@ async def serve(args: argparse.Namespace) -> None:
     await stop.wait()
     log.info("stopping: finishing in-flight requests")
     hb.cancel()
+    await admin.close()
     await runner.cleanup()
     await router.close()
 

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 from cohort.oplog.log import Fenced, PartitionLog
-from cohort.server.state import PartitionState
+from cohort.server.state import ObjectMeta, PartitionState, meta_from_wire
 from cohort.storage.base import Store
 
 log = logging.getLogger("cohort.server.host")
@@ -50,6 +50,8 @@ class PartitionHost:
         self.status = "recovering"
         self.accepting = True  # False once a graceful hand-over has begun
         self._pending: list[tuple[dict[str, Any], asyncio.Future[None]]] = []
+        # the batch being written: not applied yet, but conditional writes must see it
+        self._inflight: list[tuple[dict[str, Any], asyncio.Future[None]]] = []
         self._flusher: asyncio.Task[None] | None = None
         self._on_freed = on_freed
         self.ready = asyncio.Event()
@@ -94,11 +96,31 @@ class PartitionHost:
         if self.status != "serving" or not self.accepting:
             raise NotServing(f"partition {self.partition} is {self.status}")
 
+    def current(self, bucket_id: str, key: str) -> ObjectMeta | None:
+        """The object as it will be once every queued commit is applied.
+
+        Conditional writes are checked against this, at enqueue time, so the check and
+        the write are atomic with respect to every other request on this partition.
+        """
+        for rec, _ in reversed(self._inflight + self._pending):
+            if rec.get("b") == bucket_id and rec.get("k") == key:
+                if rec["op"] in ("put", "mpu_complete"):
+                    return meta_from_wire(rec["m"])
+                if rec["op"] == "del":
+                    return None
+        return self.state.get(bucket_id, key)
+
     async def commit(self, record: dict[str, Any]) -> None:
         """Make ``record`` durable and apply it; returns once both are done."""
         self.check()
-        if self.state.seen(record.get("rid")):
+        rid = record.get("rid")
+        if self.state.seen(rid):
             return  # a retry of a request that already committed
+        if rid is not None:
+            for r, f in self._pending:
+                if r.get("rid") == rid:  # a retry of a request still being committed
+                    await asyncio.shield(f)
+                    return
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._pending.append((record, fut))
         if self._flusher is None or self._flusher.done():
@@ -108,6 +130,7 @@ class PartitionHost:
     async def _flush_loop(self) -> None:
         while self._pending and self.status == "serving":
             batch, self._pending = self._pending, []
+            self._inflight = batch
             try:
                 await self.log.append([r for r, _ in batch])
             except Fenced as e:
@@ -124,6 +147,7 @@ class PartitionHost:
                 self._fail(batch, NotServing(f"log write failed: {e}"), "failed")
                 return
             freed: list[str] = []
+            self._inflight = []
             for rec, fut in batch:
                 freed.extend(self.state.apply(rec))
                 if not fut.done():
@@ -137,6 +161,7 @@ class PartitionHost:
         self, batch: list[tuple[dict[str, Any], asyncio.Future[None]]], exc: Exception, status: str
     ) -> None:
         self.status = status
+        self._inflight = []
         for _, fut in batch + self._pending:
             if not fut.done():
                 fut.set_exception(exc)

@@ -23,12 +23,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import hashlib
 import logging
 import os
 import signal
 import time
 from collections import deque
 from typing import Any
+
+import msgspec
 
 from cohort.coord.base import Coordinator
 from cohort.coord.client import RpcCoordinator
@@ -37,7 +40,7 @@ from cohort.metrics import InstrumentedStore, ServerMetrics, start_metrics_serve
 from cohort.partitioning import partition_of
 from cohort.rpc import RpcError, RpcServer
 from cohort.server.host import NotServing, PartitionHost
-from cohort.server.state import meta_to_wire
+from cohort.server.state import ObjectMeta, Upload, meta_to_wire
 from cohort.storage.base import Store
 from cohort.storage.local import LocalStore
 
@@ -45,6 +48,67 @@ log = logging.getLogger("cohort.server")
 
 LEASE_MARGIN = 0.4  # seconds before the coordinator could expire us that we stop serving
 BLOB_GRACE = 30.0  # seconds a replaced blob stays readable
+
+
+MIN_PART_SIZE = 5 * 1024 * 1024
+
+
+def check_condition(current: ObjectMeta | None, cond: dict[str, Any]) -> None:
+    """Conditional write (``If-None-Match: *`` / ``If-Match: etag``) against the current
+    object, evaluated atomically at the owner."""
+    inm = cond.get("if_none_match")
+    if inm is not None and current is not None and (inm == "*" or inm == current.etag):
+        raise RpcError("PreconditionFailed", "If-None-Match")
+    im = cond.get("if_match")
+    if im is not None:
+        if current is None:
+            raise RpcError("NoSuchKey", "The specified key does not exist.")
+        if im != "*" and im != current.etag:
+            raise RpcError("PreconditionFailed", "If-Match")
+
+
+def complete_upload(up: Upload, listed: list[tuple[int, str]]) -> ObjectMeta:
+    """The object a CompleteMultipartUpload with parts ``listed`` produces (S3's rules:
+    ascending part numbers, every part present with its ETag, every part but the last at
+    least 5 MiB; ETag = md5 of the parts' binary md5s, then ``-N``)."""
+    if not listed:
+        raise RpcError("MalformedXML", "You must specify at least one part")
+    prev = 0
+    segments: list[tuple[str, int]] = []
+    md5s = b""
+    size = 0
+    for i, (n, etag) in enumerate(listed):
+        if n <= prev:
+            raise RpcError("InvalidPartOrder", "The list of parts was not in ascending order.")
+        prev = n
+        part = up.parts.get(n)
+        if part is None or part.etag != etag.strip('"'):
+            raise RpcError(
+                "InvalidPart", f"One or more of the specified parts could not be found (part {n})."
+            )
+        if part.size < MIN_PART_SIZE and i != len(listed) - 1:
+            raise RpcError(
+                "EntityTooSmall",
+                "Your proposed upload is smaller than the minimum allowed object size.",
+            )
+        if part.blob:
+            segments.append((part.blob, part.size))
+        md5s += bytes.fromhex(part.etag)
+        size += part.size
+    etag = f"{hashlib.md5(md5s).hexdigest()}-{len(listed)}"
+    t = up.meta
+    return ObjectMeta(
+        size=size,
+        etag=etag,
+        mtime=time.time(),
+        blob=None,
+        content_type=t.content_type,
+        user_meta=dict(t.user_meta),
+        checksums={},
+        headers=dict(t.headers),
+        parts=len(listed),
+        segments=segments,
+    )
 
 
 class Server:
@@ -69,7 +133,20 @@ class Server:
         self.capacity = capacity
         self.standby = standby
         self.rpc = RpcServer()
-        for name in ("obj.put", "obj.get", "obj.delete", "obj.list", "bucket.count", "status"):
+        for name in (
+            "obj.put",
+            "obj.get",
+            "obj.delete",
+            "obj.list",
+            "bucket.count",
+            "status",
+            "mpu.create",
+            "mpu.part",
+            "mpu.complete",
+            "mpu.abort",
+            "mpu.get",
+            "mpu.list",
+        ):
             handler = getattr(self, "rpc_" + name.replace(".", "_"))
             self.rpc.register(name, self.metrics.instrument(name, handler))
         self.metrics.watch_server(self)
@@ -338,6 +415,9 @@ class Server:
         self.requests += 1
         h = self._host_for(self._partition(params))
         h.ops += 1
+        cond = params.get("cond")
+        if cond and not h.state.seen(params.get("rid")):
+            check_condition(h.current(params["b"], params["k"]), cond)
         await self._commit(
             h,
             {
@@ -413,6 +493,92 @@ class Server:
                 continue
             total += h.state.count(params["b"])
         return {"count": total, "not_owned": not_owned}
+
+    # -- multipart uploads -------------------------------------------------------------------
+    def _upload(self, h: PartitionHost, params: dict[str, Any]) -> Upload:
+        up = h.state.upload(params["b"], params["u"])
+        if up is None or up.key != params["k"]:
+            raise RpcError("NoSuchUpload", "The specified upload does not exist.")
+        return up
+
+    async def rpc_mpu_create(self, params: dict[str, Any]) -> dict[str, Any]:
+        h = self._host_for(self._partition(params))
+        await self._commit(
+            h,
+            {
+                "op": "mpu_create",
+                "b": params["b"],
+                "k": params["k"],
+                "u": params["u"],
+                "m": params["m"],
+                "t": time.time(),
+                "rid": params["u"],
+            },
+        )
+        return {}
+
+    async def rpc_mpu_part(self, params: dict[str, Any]) -> dict[str, Any]:
+        h = self._host_for(self._partition(params))
+        if not h.state.seen(params.get("rid")):
+            self._upload(h, params)
+        await self._commit(
+            h,
+            {
+                "op": "mpu_part",
+                "b": params["b"],
+                "u": params["u"],
+                "n": int(params["n"]),
+                "p": params["p"],
+                "rid": params.get("rid"),
+            },
+        )
+        return {}
+
+    async def rpc_mpu_complete(self, params: dict[str, Any]) -> dict[str, Any]:
+        h = self._host_for(self._partition(params))
+        if h.state.seen(params.get("rid")):
+            m = h.state.get(params["b"], params["k"])
+            return {"m": None if m is None else meta_to_wire(m)}
+        up = self._upload(h, params)
+        meta = complete_upload(up, [(int(n), str(e)) for n, e in params["parts"]])
+        await self._commit(
+            h,
+            {
+                "op": "mpu_complete",
+                "b": params["b"],
+                "k": params["k"],
+                "u": params["u"],
+                "m": meta_to_wire(meta),
+                "rid": params.get("rid"),
+            },
+        )
+        return {"m": meta_to_wire(meta)}
+
+    async def rpc_mpu_abort(self, params: dict[str, Any]) -> dict[str, Any]:
+        h = self._host_for(self._partition(params))
+        self._upload(h, params)
+        await self._commit(h, {"op": "mpu_abort", "b": params["b"], "u": params["u"]})
+        return {}
+
+    async def rpc_mpu_get(self, params: dict[str, Any]) -> dict[str, Any]:
+        h = self._host_for(self._partition(params))
+        up = self._upload(h, params)
+        return msgspec.to_builtins(up)  # type: ignore[no-any-return]
+
+    async def rpc_mpu_list(self, params: dict[str, Any]) -> dict[str, Any]:
+        out: list[Any] = []
+        not_owned: list[int] = []
+        prefix = params.get("prefix", "")
+        for p in params["parts"]:
+            try:
+                h = self._host_for(p)
+            except RpcError:
+                not_owned.append(p)
+                continue
+            for uid, up in h.state.uploads.get(params["b"], {}).items():
+                if up.key.startswith(prefix):
+                    out.append([up.key, uid, up.initiated])
+        return {"uploads": out, "not_owned": not_owned}
 
     async def rpc_status(self, params: Any) -> dict[str, Any]:
         return {

@@ -10,6 +10,10 @@ Records (msgpack maps)::
     {"op": "put", "b": bucket_id, "k": key, "m": ObjectMeta-as-list, "rid": request_id}
     {"op": "del", "b": bucket_id, "k": key, "rid": request_id}
     {"op": "drop", "b": bucket_id}            # bucket deleted: forget its keys
+    {"op": "mpu_create", "b", "k", "u": upload_id, "m": ObjectMeta template, "t": time}
+    {"op": "mpu_part", "b", "u", "n": part_number, "p": Part}
+    {"op": "mpu_complete", "b", "k", "u", "m": final ObjectMeta}   # uses the listed parts
+    {"op": "mpu_abort", "b", "u"}
 
 ``rid`` makes a retried request idempotent: a record whose ``rid`` was already applied is
 skipped (see :meth:`PartitionState.seen`).
@@ -36,6 +40,28 @@ class ObjectMeta(msgspec.Struct, array_like=True, gc=False):
     checksums: dict[str, str] = {}
     headers: dict[str, str] = {}  # Cache-Control, Content-Disposition, Content-Encoding, ...
     parts: int = 0
+    # multipart objects: the body is the concatenation of these (blob, size) segments
+    segments: list[tuple[str, int]] = []
+
+    def blobs(self) -> list[str]:
+        out = [self.blob] if self.blob else []
+        out.extend(b for b, _ in self.segments)
+        return out
+
+
+class Part(msgspec.Struct, array_like=True, gc=False):
+    size: int
+    etag: str
+    blob: str | None
+    mtime: float
+    checksums: dict[str, str] = {}
+
+
+class Upload(msgspec.Struct, gc=False):
+    key: str
+    initiated: float
+    meta: ObjectMeta  # template: content type, user metadata, headers, checksum algorithm
+    parts: dict[int, Part] = {}
 
 
 _meta_dec = msgspec.msgpack.Decoder(ObjectMeta)
@@ -63,6 +89,7 @@ def _prefix_end(prefix: str) -> str | None:
 class PartitionState:
     def __init__(self) -> None:
         self.buckets: dict[str, SortedDict] = {}
+        self.uploads: dict[str, dict[str, Upload]] = {}  # bucket id -> upload id -> upload
         self.rids: OrderedDict[str, None] = OrderedDict()
         self.ops_applied = 0
 
@@ -82,27 +109,58 @@ class PartitionState:
         self.ops_applied += 1
         op = rec["op"]
         freed: list[str] = []
-        if op == "put":
+        if op == "put" or op == "mpu_complete":
+            if op == "mpu_complete":
+                up = self.uploads.get(rec["b"], {}).pop(rec["u"], None)
+                if up is None:
+                    return []  # completed or aborted already (a replayed duplicate)
+                meta = meta_from_wire(rec["m"])
+                used = {b for b, _ in meta.segments}
+                freed.extend(p.blob for p in up.parts.values() if p.blob and p.blob not in used)
+            else:
+                meta = meta_from_wire(rec["m"])
             objs = self.buckets.get(rec["b"])
             if objs is None:
                 objs = self.buckets[rec["b"]] = SortedDict()
-            meta = meta_from_wire(rec["m"])
             old = objs.get(rec["k"])
             objs[rec["k"]] = meta
-            if old is not None and old.blob and old.blob != meta.blob:
-                freed.append(old.blob)
+            if old is not None:
+                keep = set(meta.blobs())
+                freed.extend(b for b in old.blobs() if b not in keep)
         elif op == "del":
             objs = self.buckets.get(rec["b"])
             if objs is not None:
                 old = objs.pop(rec["k"], None)
-                if old is not None and old.blob:
-                    freed.append(old.blob)
+                if old is not None:
+                    freed.extend(old.blobs())
                 if not objs:
                     del self.buckets[rec["b"]]
         elif op == "drop":
             objs = self.buckets.pop(rec["b"], None)
             if objs:
-                freed.extend(m.blob for m in objs.values() if m.blob)
+                for m in objs.values():
+                    freed.extend(m.blobs())
+            for up in self.uploads.pop(rec["b"], {}).values():
+                freed.extend(p.blob for p in up.parts.values() if p.blob)
+        elif op == "mpu_create":
+            self.uploads.setdefault(rec["b"], {})[rec["u"]] = Upload(
+                key=rec["k"], initiated=float(rec["t"]), meta=meta_from_wire(rec["m"]), parts={}
+            )
+        elif op == "mpu_part":
+            up = self.uploads.get(rec["b"], {}).get(rec["u"])
+            part = msgspec.convert(rec["p"], Part)
+            if up is None:
+                if part.blob:
+                    freed.append(part.blob)  # upload gone meanwhile: the part is garbage
+                return freed
+            old_part = up.parts.get(int(rec["n"]))
+            up.parts[int(rec["n"])] = part
+            if old_part is not None and old_part.blob and old_part.blob != part.blob:
+                freed.append(old_part.blob)
+        elif op == "mpu_abort":
+            up = self.uploads.get(rec["b"], {}).pop(rec["u"], None)
+            if up is not None:
+                freed.extend(p.blob for p in up.parts.values() if p.blob)
         else:
             raise ValueError(f"unknown log record op {op!r}")
         return freed
@@ -111,6 +169,9 @@ class PartitionState:
     def get(self, bucket_id: str, key: str) -> ObjectMeta | None:
         objs = self.buckets.get(bucket_id)
         return None if objs is None else objs.get(key)
+
+    def upload(self, bucket_id: str, upload_id: str) -> Upload | None:
+        return self.uploads.get(bucket_id, {}).get(upload_id)
 
     def count(self, bucket_id: str) -> int:
         objs = self.buckets.get(bucket_id)
@@ -179,6 +240,10 @@ class PartitionState:
                 b: [[k, meta_to_wire(m)] for k, m in objs.items()]
                 for b, objs in self.buckets.items()
             },
+            "uploads": {
+                b: {u: msgspec.to_builtins(up) for u, up in ups.items()}
+                for b, ups in self.uploads.items()
+            },
             "rids": list(self.rids.keys())[-RID_MEMORY:],
             "ops": self.ops_applied,
         }
@@ -190,6 +255,8 @@ class PartitionState:
             return s
         for b, items in data.get("buckets", {}).items():
             s.buckets[b] = SortedDict((k, meta_from_wire(m)) for k, m in items)
+        for b, ups in data.get("uploads", {}).items():
+            s.uploads[b] = {u: msgspec.convert(up, Upload) for u, up in ups.items()}
         s.rids = OrderedDict((r, None) for r in data.get("rids", []))
         s.ops_applied = int(data.get("ops", 0))
         return s
