@@ -125,12 +125,12 @@ def up(
                 events = asyncio.run(_events(cluster.coordinator_address))
             except Exception:
                 continue
-            for e in events:
-                if e["time"] > seen:
-                    seen = e["time"]
+            for ev in events:
+                if ev["time"] > seen:
+                    seen = ev["time"]
                     console.print(
-                        f"[dim]{time.strftime('%H:%M:%S', time.localtime(e['time']))}[/] "
-                        f"{e['kind']}: {e['detail']}"
+                        f"[dim]{time.strftime('%H:%M:%S', time.localtime(ev['time']))}[/] "
+                        f"{ev['kind']}: {ev['detail']}"
                     )
     finally:
         console.print("stopping…")

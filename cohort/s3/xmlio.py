@@ -31,8 +31,8 @@ from typing import Any, Final
 from urllib.parse import quote
 from xml.etree.ElementTree import Element, ParseError
 
-from defusedxml import DefusedXmlException  # type: ignore[import-untyped]
-from defusedxml.ElementTree import fromstring  # type: ignore[import-untyped]
+from defusedxml import DefusedXmlException
+from defusedxml.ElementTree import fromstring
 
 from cohort.s3.errors import S3Error, xml_text
 from cohort.s3.names import format_iso8601, quote_etag

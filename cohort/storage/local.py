@@ -235,6 +235,6 @@ class LocalStore:
         out.sort()
         return out
 
-    async def list(self, prefix: str) -> AsyncIterator[str]:  # type: ignore[override]
+    async def list(self, prefix: str) -> AsyncIterator[str]:
         for k in await asyncio.to_thread(self._list, prefix):
             yield k
