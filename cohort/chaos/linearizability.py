@@ -442,9 +442,11 @@ def check_key(
     if pref is not None:
         sub, cut = pref
         blocked = [r for o, r in sub if o.complete == cut and o.result == "ok"]
-        reason = "not linearizable; no valid order once " + ", ".join(
-            r.describe() for r in blocked
-        ) + " completed"
+        reason = (
+            "not linearizable; no valid order once "
+            + ", ".join(r.describe() for r in blocked)
+            + " completed"
+        )
         sub = _shrink(sub, initial, shrink_deadline)
     counter = ops_sorted([r for _, r in sub])
     return KeyResult(key, False, len(cops), time.monotonic() - t0, counter, reason)

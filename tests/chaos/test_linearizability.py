@@ -291,17 +291,17 @@ def _invisible_values(ops: list[Op], g: Op) -> list[Value]:
     for p in writes:
         if p.kind != "put" or p.value == g.read_value:
             continue
-        if p.invoke > g.end:  # written only in the future
-            out.append(p.value)
-        elif (
+        future = p.invoke > g.end  # written only after the read ended
+        # p, then a write w strictly after p, then g strictly after w: p was overwritten
+        overwritten = (
             p.result == "ok"
             and p.complete is not None
-            # p, then a write w strictly after p, then g strictly after w: p is overwritten
             and any(
                 w.result == "ok" and w.invoke > p.end and w.end < g.invoke and w is not p
                 for w in writes
             )
-        ):
+        )
+        if future or overwritten:
             out.append(p.value)
     return out
 
