@@ -55,10 +55,10 @@ def coordinator_address(data_dir: Path, coordinator: str | None) -> str:
 
 
 async def _view(address: str) -> dict[str, Any]:
-    from cohort.coord.client import RpcCoordinator
+    from cohort.coord import connect
     from cohort.rpc import RpcError
 
-    c = RpcCoordinator(address, timeout=3.0)
+    c = connect(address)
     try:
         return await c.view()
     except RpcError as e:
@@ -139,9 +139,9 @@ def up(
 
 
 async def _events(address: str) -> list[dict[str, Any]]:
-    from cohort.coord.client import RpcCoordinator
+    from cohort.coord import connect
 
-    c = RpcCoordinator(address, timeout=1.0)
+    c = connect(address)
     try:
         return await c.events()
     finally:

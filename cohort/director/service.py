@@ -13,7 +13,8 @@ import socket
 from aiohttp import web
 
 from cohort.admin.web import AdminApp
-from cohort.coord.client import RpcCoordinator
+from cohort.coord import connect
+from cohort.coord.base import Coordinator
 from cohort.director.router import Router
 from cohort.director.s3app import S3App
 from cohort.logs import setup_logging
@@ -30,7 +31,7 @@ def load_keys(path: str) -> dict[str, str]:
     return {creds["access_key"]: creds["secret_key"]}
 
 
-async def _membership(coord: RpcCoordinator, member_id: str, address: str) -> None:
+async def _membership(coord: Coordinator, member_id: str, address: str) -> None:
     """Directors are stateless; membership only makes them visible (status, dashboard)."""
     incarnation = ""
     while True:
@@ -50,7 +51,7 @@ async def _membership(coord: RpcCoordinator, member_id: str, address: str) -> No
 
 
 async def serve(args: argparse.Namespace) -> None:
-    coord = RpcCoordinator(args.coordinator)
+    coord = connect(args.coordinator)
     router = Router(coord)
     await router.start()
     keys = load_keys(args.credentials)

@@ -34,7 +34,7 @@ from typing import Any
 import msgspec
 
 from cohort.coord.base import Coordinator
-from cohort.coord.client import RpcCoordinator
+from cohort.coord import connect
 from cohort.logs import setup_logging
 from cohort.metrics import InstrumentedStore, ServerMetrics, start_metrics_server
 from cohort.partitioning import partition_of
@@ -595,7 +595,7 @@ class Server:
 
 async def serve(args: argparse.Namespace) -> None:
     store = LocalStore(args.storage)
-    coord = RpcCoordinator(args.coordinator)
+    coord = connect(args.coordinator)
     server = Server(
         args.id,
         store,
@@ -619,7 +619,7 @@ async def serve(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="cohort-server")
     ap.add_argument("--id", required=True)
-    ap.add_argument("--coordinator", required=True, help="host:port of the coordinator")
+    ap.add_argument("--coordinator", required=True, help="host:port of the coordinator, or etcd://h1:p1,h2:p2[/ns]")
     ap.add_argument("--storage", required=True, help="shared storage directory")
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=0)
