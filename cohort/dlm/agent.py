@@ -872,6 +872,8 @@ class LockAgent:
 
     def _m_req(self, src: str, msg: list[Any]) -> None:
         _, name, lid, mode, flags, start, end, owner = msg
+        if type(owner) is list:
+            owner = _frozen(owner)
         if not self._master_state(name.split(SEP, 1)[0], src, msg):
             return
         self._dispatch(self.table.request(
@@ -1110,7 +1112,7 @@ class LockAgent:
     def _insert_records(self, node: str, records: list[list[Any]], rec: _Recovering | None) -> None:
         for name, lid, owner, mode, rqmode, flags, start, end, token, val in records:
             self.table.insert_recovered(
-                name, (node, lid), node=node, owner=(node, owner), mode=mode, rqmode=rqmode,
+                name, (node, lid), node=node, owner=(node, _frozen(owner)), mode=mode, rqmode=rqmode,
                 flags=flags, start=start, end=end, token=token)
             if rec is not None and mode >= 0 and val is not None:
                 rec.values.setdefault(name, []).append((mode, val))
@@ -1208,6 +1210,13 @@ class LockAgent:
                 asyncio.get_running_loop().call_later(self.deadlock_wait, self._start_search, h)
 
 
+def _frozen(x: Any) -> Any:
+    """Lists (as msgpack decodes tuples) -> tuples, so owners can be dict keys."""
+    if isinstance(x, list):
+        return tuple(_frozen(i) for i in x)
+    return x
+
+
 def _find_victim(
     reported: list[tuple[str, list[Any]]], start: tuple[str, Any]
 ) -> tuple[str, str, str, int] | None:
@@ -1216,7 +1225,8 @@ def _find_victim(
     concurrent searches agree on a single victim."""
     graph: dict[tuple[str, Any], list[tuple[tuple[str, Any], tuple[str, str, str, int]]]] = {}
     for master, (wn, wl, won, wok, bon, bok, name) in reported:
-        graph.setdefault((won, wok), []).append(((bon, bok), (master, name, wn, wl)))
+        graph.setdefault((won, _frozen(wok)), []).append(
+            ((bon, _frozen(bok)), (master, name, wn, wl)))
     # DFS for a path start -> ... -> start
     path: list[tuple[str, str, str, int]] = []
     seen: set[tuple[str, Any]] = set()

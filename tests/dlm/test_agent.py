@@ -7,7 +7,7 @@ import asyncio
 import pytest
 from dlm_helpers import make_cluster, poll, settle
 
-from cohort.dlm.agent import LockAgent, rendezvous, rendezvous_backup
+from cohort.dlm.agent import LockAgent, rendezvous
 from cohort.dlm.errors import DeadlockError, LockLost, LockTimeout, NotQueued, UsageError
 from cohort.dlm.modes import Mode
 from cohort.dlm.transport import MemoryNetwork

@@ -1,0 +1,336 @@
+"""Network access to a lock agent for programs that are not Cohort servers.
+
+Server side: :class:`ClientService` registers ``dlm.c.*`` methods on the agent host's
+:class:`~cohort.rpc.RpcServer`.  Each client opens a *session*; the agent holds the
+locks on the session's behalf.  The client long-polls ``dlm.c.poll`` (which is also its
+keep-alive): blocking notifications and lock losses come back that way.  A session not
+heard from for ``session_timeout`` seconds is closed and its locks released, so a
+crashed client never keeps a lock for long.
+
+Client side: :class:`DlmClient`::
+
+    client = DlmClient("127.0.0.1:7000")
+    async with client.lock("jobs/42", "EX", timeout=5) as h:
+        ...  # h.token, h.value, h.set_value(), await h.convert("PR")
+    await client.close()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import time
+from collections.abc import Callable, Coroutine, Generator
+from types import TracebackType
+from typing import Any
+
+from cohort.dlm.agent import Handle, LockAgent, LostFlag
+from cohort.dlm.errors import (
+    Cancelled,
+    DeadlockError,
+    DlmError,
+    LockLost,
+    LockTimeout,
+    NotQueued,
+    UsageError,
+)
+from cohort.dlm.modes import Mode, parse_mode
+from cohort.rpc import RpcClient, RpcError, RpcServer
+
+_ERRORS: dict[str, type[DlmError]] = {
+    "NotQueued": NotQueued,
+    "LockTimeout": LockTimeout,
+    "DeadlockError": DeadlockError,
+    "LockLost": LockLost,
+    "Cancelled": Cancelled,
+    "UsageError": UsageError,
+    "DlmError": DlmError,
+}
+
+
+class _Session:
+    def __init__(self, sid: int) -> None:
+        self.sid = sid
+        self.handles: dict[int, Handle] = {}
+        self.events: list[list[Any]] = []
+        self.wake = asyncio.Event()
+        self.seen = time.monotonic()
+
+
+class ClientService:
+    """Serves lock requests of remote clients through ``agent``."""
+
+    def __init__(self, agent: LockAgent, server: RpcServer, *, session_timeout: float = 5.0) -> None:
+        self.agent = agent
+        self.session_timeout = session_timeout
+        self.sessions: dict[int, _Session] = {}
+        self._sids = itertools.count(1)
+        self._reaper: asyncio.Task[None] | None = None
+        for name in ("open", "lock", "release", "convert", "poll", "close"):
+            server.register(f"dlm.c.{name}", getattr(self, f"_c_{name}"))
+
+    def _session(self, sid: int) -> _Session:
+        s = self.sessions.get(sid)
+        if s is None:
+            raise RpcError("LockLost", f"session {sid} expired; its locks were released")
+        s.seen = time.monotonic()
+        return s
+
+    async def _c_open(self, params: Any) -> int:
+        sid = next(self._sids)
+        self.sessions[sid] = _Session(sid)
+        if self._reaper is None:
+            self._reaper = asyncio.get_running_loop().create_task(self._reap())
+        return sid
+
+    async def _c_lock(self, params: Any) -> list[Any]:
+        sid, name, mode, timeout, noqueue, blocking = params
+        s = self._session(sid)
+        cb: Callable[[Mode], None] | None = None
+        box: list[Handle] = []
+        if blocking:
+
+            def cb(m: Mode) -> None:
+                if box:
+                    s.events.append(["blocking", box[0].lid, int(m)])
+                    s.wake.set()
+
+        try:
+            h = await self.agent.lock(name, mode, timeout=timeout, noqueue=noqueue,
+                                      on_blocking=cb, owner=("client", sid))
+        except DlmError as e:
+            raise RpcError(type(e).__name__, str(e)) from None
+        box.append(h)
+        if sid not in self.sessions:  # session expired while waiting
+            await h.release()
+            raise RpcError("LockLost", "session expired")
+        s.handles[h.lid] = h
+        asyncio.get_running_loop().create_task(self._watch_lost(s, h))
+        return [h.lid, int(h.mode or 0), h.token, h.value, h.value_valid, h.previous_holder_died]
+
+    async def _watch_lost(self, s: _Session, h: Handle) -> None:
+        await h.lost.wait()
+        s.events.append(["lost", h.lid, 0])
+        s.wake.set()
+
+    async def _c_release(self, params: Any) -> None:
+        sid, lid, value = params
+        s = self._session(sid)
+        h = s.handles.pop(lid, None)
+        if h is not None:
+            if value is not None:
+                h.set_value(value)
+            await h.release()
+
+    async def _c_convert(self, params: Any) -> list[Any]:
+        sid, lid, mode, timeout, noqueue, value = params
+        s = self._session(sid)
+        h = s.handles.get(lid)
+        if h is None:
+            raise RpcError("LockLost", "lock not held")
+        if value is not None:
+            h.set_value(value)
+        try:
+            await h.convert(Mode(mode), timeout=timeout, noqueue=noqueue)
+        except DlmError as e:
+            raise RpcError(type(e).__name__, str(e)) from None
+        return [int(h.mode or 0), h.token, h.value, h.value_valid, h.previous_holder_died]
+
+    async def _c_poll(self, params: Any) -> list[list[Any]]:
+        sid, wait = params
+        s = self._session(sid)
+        if not s.events:
+            s.wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(s.wake.wait(), min(float(wait), self.session_timeout / 2))
+        s.seen = time.monotonic()
+        ev, s.events = s.events, []
+        return ev
+
+    async def _c_close(self, params: Any) -> None:
+        s = self.sessions.pop(params, None)
+        if s is not None:
+            for h in s.handles.values():
+                await h.release()
+
+    async def _reap(self) -> None:
+        while True:
+            await asyncio.sleep(self.session_timeout / 4)
+            now = time.monotonic()
+            for sid, s in list(self.sessions.items()):
+                if now - s.seen > self.session_timeout:
+                    await self._c_close(sid)
+
+    def close(self) -> None:
+        if self._reaper is not None:
+            self._reaper.cancel()
+
+
+class RemoteHandle:
+    """A lock held through :class:`DlmClient`; the same surface as
+    :class:`~cohort.dlm.agent.Handle`."""
+
+    def __init__(self, client: DlmClient, name: str, lid: int, r: list[Any]) -> None:
+        self.client = client
+        self.name = name
+        self.lid = lid
+        self.lost = LostFlag()
+        self._write: bytes | None = None
+        self._update(r)
+
+    def _update(self, r: list[Any]) -> None:
+        mode, self.token, value, self.value_valid, self.previous_holder_died = r
+        self.mode = Mode(mode)
+        self.value: bytes = value or b""
+
+    def set_value(self, value: bytes) -> None:
+        if len(value) > 64:
+            raise ValueError("lock value block is at most 64 bytes")
+        self._write = bytes(value)
+
+    async def release(self) -> None:
+        if self.lid in self.client._handles:
+            del self.client._handles[self.lid]
+            value, self._write = self._write, None
+            await self.client._call("dlm.c.release", [self.client.sid, self.lid, value])
+
+    async def convert(self, mode: Mode | str, *, timeout: float | None = None,
+                      noqueue: bool = False) -> None:
+        value, self._write = self._write, None
+        r = await self.client._call(
+            "dlm.c.convert",
+            [self.client.sid, self.lid, int(parse_mode(mode)), timeout, noqueue, value])
+        self._update(r)
+
+    async def __aenter__(self) -> RemoteHandle:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.release()
+
+
+class _RemoteLockCall(Coroutine[Any, Any, RemoteHandle]):
+    """Await it (or ``create_task`` it) for a handle, or ``async with`` it."""
+
+    def __init__(self, client: DlmClient, args: list[Any], on_blocking: Callable[[Mode], Any] | None) -> None:
+        self.client = client
+        self.args = args
+        self.on_blocking = on_blocking
+        self.handle: RemoteHandle | None = None
+        self._coro: Coroutine[Any, Any, RemoteHandle] | None = None
+
+    def _get(self) -> Coroutine[Any, Any, RemoteHandle]:
+        if self._coro is None:
+            self._coro = self.client._lock(self.args, self.on_blocking)
+        return self._coro
+
+    def __await__(self) -> Generator[Any, None, RemoteHandle]:
+        return self._get().__await__()
+
+    def send(self, value: Any) -> Any:
+        return self._get().send(value)
+
+    def throw(self, typ: Any, val: Any = None, tb: Any = None) -> Any:
+        return self._get().throw(typ, val, tb)
+
+    def close(self) -> None:
+        if self._coro is not None:
+            self._coro.close()
+
+    async def __aenter__(self) -> RemoteHandle:
+        self.handle = await self.client._lock(self.args, self.on_blocking)
+        return self.handle
+
+    async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        if self.handle is not None:
+            await self.handle.release()
+
+
+class DlmClient:
+    """Takes locks from a running agent at ``address`` ("host:port") over TCP."""
+
+    def __init__(self, address: str, *, poll_interval: float = 1.0) -> None:
+        host, _, port = address.rpartition(":")
+        self.rpc = RpcClient(host, int(port))
+        self.sid = 0
+        self.poll_interval = poll_interval
+        self._handles: dict[int, RemoteHandle] = {}
+        self._callbacks: dict[int, Callable[[Mode], Any]] = {}
+        self._poller: asyncio.Task[None] | None = None
+        self._open_lock = asyncio.Lock()
+
+    async def _call(self, method: str, params: Any, timeout: float | None = None) -> Any:
+        try:
+            return await self.rpc.call(method, params, timeout=timeout if timeout else 3600.0)
+        except RpcError as e:
+            cls = _ERRORS.get(e.code)
+            if cls is not None:
+                raise cls(e.message) from None
+            raise
+
+    async def connect(self) -> None:
+        async with self._open_lock:
+            if self.sid:
+                return
+            self.sid = await self._call("dlm.c.open", None)
+            self._poller = asyncio.get_running_loop().create_task(self._poll())
+
+    def lock(self, name: str, mode: Mode | str, *, timeout: float | None = None,
+             noqueue: bool = False, on_blocking: Callable[[Mode], Any] | None = None
+             ) -> _RemoteLockCall:
+        """Like :meth:`LockAgent.lock` (await it or use ``async with``)."""
+        return _RemoteLockCall(
+            self, [name, int(parse_mode(mode)), timeout, noqueue, on_blocking is not None],
+            on_blocking)
+
+    async def _lock(self, args: list[Any], on_blocking: Callable[[Mode], Any] | None) -> RemoteHandle:
+        if not self.sid:
+            await self.connect()
+        r = await self._call("dlm.c.lock", [self.sid, *args],
+                             timeout=None if args[2] is None else args[2] + 30)
+        lid = r[0]
+        h = RemoteHandle(self, args[0], lid, r[1:])
+        self._handles[lid] = h
+        if on_blocking is not None:
+            self._callbacks[lid] = on_blocking
+        return h
+
+    async def _poll(self) -> None:
+        while True:
+            try:
+                events = await self.rpc.call("dlm.c.poll", [self.sid, self.poll_interval],
+                                             timeout=self.poll_interval + 10)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                # the agent is gone or our session expired: every lock is lost
+                for h in list(self._handles.values()):
+                    h.lost.set()
+                self._handles.clear()
+                await asyncio.sleep(self.poll_interval)
+                continue
+            for kind, lid, mode in events:
+                rh = self._handles.get(lid)
+                if rh is None:
+                    continue
+                if kind == "lost":
+                    rh.lost.set()
+                    self._handles.pop(lid, None)
+                elif kind == "blocking":
+                    cb = self._callbacks.get(lid)
+                    if cb is not None:
+                        r = cb(Mode(mode))
+                        if asyncio.iscoroutine(r):
+                            await r
+
+    async def close(self) -> None:
+        if self._poller is not None:
+            self._poller.cancel()
+            with contextlib.suppress(BaseException):
+                await self._poller
+        if self.sid:
+            with contextlib.suppress(Exception):
+                await self.rpc.call("dlm.c.close", self.sid, timeout=2)
+        await self.rpc.close()
