@@ -75,7 +75,7 @@ async def test_message_pattern() -> None:
 
 
 async def test_exclusion_and_fifo_across_nodes() -> None:
-    net, agents = make_cluster(3)
+    _net, agents = make_cluster(3)
     order: list[str] = []
     inside = 0
 
@@ -94,7 +94,7 @@ async def test_exclusion_and_fifo_across_nodes() -> None:
 
 
 async def test_blocking_notification_and_value_block_handover() -> None:
-    net, (a, b, _) = make_cluster(3)
+    _net, (a, b, _) = make_cluster(3)
     seen: list[Mode] = []
     h = await a.lock("partition/1", EX, on_blocking=seen.append)
     h.set_value(b"seq=41")
@@ -132,7 +132,7 @@ async def test_noqueue_timeout_and_convert() -> None:
 
 
 async def test_conversion_timeout_keeps_old_mode() -> None:
-    net, (a, b) = make_cluster(2)
+    _net, (a, b) = make_cluster(2)
     h1 = await a.lock("y", PR)
     h2 = await b.lock("y", PR)
     with pytest.raises(LockTimeout):
@@ -143,7 +143,7 @@ async def test_conversion_timeout_keeps_old_mode() -> None:
 
 
 async def test_conversion_deadlock_one_victim() -> None:
-    net, (a, b, _) = make_cluster(3, deadlock_wait=0.05)
+    _net, (a, b, _) = make_cluster(3, deadlock_wait=0.05)
     h1 = await a.lock("z", PR)
     h2 = await b.lock("z", PR)
     t1 = asyncio.create_task(h1.convert(EX))
@@ -164,13 +164,13 @@ async def test_conversion_deadlock_one_victim() -> None:
 
 
 async def test_two_resource_deadlock_across_nodes() -> None:
-    net, (a, b, c) = make_cluster(3, deadlock_wait=0.05)
+    _net, (a, b, _c) = make_cluster(3, deadlock_wait=0.05)
     # deadlocks are between owners (default: the asyncio task); name them here
     ha = await a.lock("A", EX, owner="tx1")
     hb = await b.lock("B", EX, owner="tx2")
     ta = asyncio.create_task(a.lock("B", EX, owner="tx1"))
     tb = asyncio.create_task(b.lock("A", EX, owner="tx2"))
-    done, pending = await asyncio.wait({ta, tb}, timeout=5, return_when=asyncio.FIRST_COMPLETED)
+    done, _pending = await asyncio.wait({ta, tb}, timeout=5, return_when=asyncio.FIRST_COMPLETED)
     assert len(done) == 1
     (victim,) = done
     with pytest.raises(DeadlockError):

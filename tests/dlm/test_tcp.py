@@ -64,7 +64,7 @@ async def test_in_process_tcp_agents() -> None:
 
 
 async def test_sync_wrapper_from_a_thread() -> None:
-    async with tcp_cluster(2) as (a, b):
+    async with tcp_cluster(2) as (_a, b):
         loop = asyncio.get_running_loop()
         sync = SyncLockAgent(b, loop)
         out: list[int] = []
