@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import secrets
 import select
@@ -97,6 +98,8 @@ class LocalCluster:
         host: str = "127.0.0.1",
         coordinator_port: int = 0,
         extra_env: dict[str, str] | None = None,
+        coordinator: str = "embedded",
+        etcd_members: int = 1,
     ) -> None:
         self.data_dir = Path(data_dir).resolve()
         self.port = port
@@ -106,6 +109,9 @@ class LocalCluster:
         self.lease_ttl = lease_ttl
         self.host = host
         self.coordinator_port = coordinator_port
+        self.coordinator = coordinator  # "embedded" | "etcd" (real etcd-server processes)
+        self.etcd_members = etcd_members
+        self.etcd: Any = None  # cohort.etcd_server.EtcdCluster when coordinator == "etcd"
         self.procs: dict[str, Proc] = {}
         self.env = {**os.environ, **(extra_env or {})}
         self.python = sys.executable
@@ -121,6 +127,12 @@ class LocalCluster:
 
     @property
     def coordinator_address(self) -> str:
+        if self.etcd is not None:
+            return str(
+                self.etcd.address(
+                    "cohort", partitions=self.partitions, lease_ttl=math.ceil(self.lease_ttl)
+                )
+            )
         return self.procs["coordinator"].address
 
     @property
@@ -146,6 +158,11 @@ class LocalCluster:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.storage.mkdir(exist_ok=True)
         self.creds = load_credentials(self.data_dir)
+        if self.coordinator == "etcd":
+            from cohort.etcd_server import EtcdCluster
+
+            self.etcd = EtcdCluster(self.etcd_members, base_dir=self.data_dir / "etcd").start()
+            return self._start_members()
         coord = Proc(
             "coordinator",
             "coordinator",
@@ -165,6 +182,9 @@ class LocalCluster:
         )
         self.procs[coord.id] = coord
         self._spawn(coord)
+        return self._start_members()
+
+    def _start_members(self) -> LocalCluster:
         for i in range(1, self.n_servers + 1):
             self.add_server(f"server-{i}", write=False)
         for i in range(1, self.n_directors + 1):
@@ -267,6 +287,8 @@ class LocalCluster:
                     p.popen.wait()
                 if p.popen.stdout:
                     p.popen.stdout.close()
+        if self.etcd is not None:
+            self.etcd.stop()
 
     # -- fault injection helpers (tests, chaos) ------------------------------------------
     def signal(self, member_id: str, sig: int) -> None:

@@ -102,18 +102,30 @@ class EtcdCluster:
         self.token = token or f"cohort-{os.getpid()}-{int(time.time() * 1000)}"
         hosts = hosts or ["127.0.0.1"] * members
         prefixes = prefixes or [[] for _ in hosts]
+        # A data directory used before keeps its ports (etcd remembers its peer URLs).
+        ports_file = self.base_dir / "ports.json"
+        saved: list[list[int]] = []
+        if ports_file.exists():
+            saved = json.loads(ports_file.read_text())
+            self.token = json.loads((self.base_dir / "token").read_text())
         self.members: list[EtcdMember] = []
         for i, (host, prefix) in enumerate(zip(hosts, prefixes, strict=True)):
+            cp, pp = saved[i] if i < len(saved) else (0, 0)
             self.members.append(
                 EtcdMember(
                     name=f"etcd-{i + 1}",
                     host=host,
-                    client_port=client_port or free_port(host),
-                    peer_port=peer_port or free_port(host),
+                    client_port=client_port or cp or free_port(host),
+                    peer_port=peer_port or pp or free_port(host),
                     data_dir=self.base_dir / f"etcd-{i + 1}",
                     prefix=list(prefix),
                 )
             )
+        if not self._own_dir:
+            ports_file.write_text(
+                json.dumps([[m.client_port, m.peer_port] for m in self.members])
+            )
+            (self.base_dir / "token").write_text(json.dumps(self.token))
 
     # -- addresses ------------------------------------------------------------------------
     @property
