@@ -11,13 +11,11 @@ import json
 import signal
 import sys
 import time
-from collections import Counter
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
 app = typer.Typer(
     add_completion=False,
@@ -52,23 +50,6 @@ def coordinator_address(data_dir: Path, coordinator: str | None) -> str:
     if coordinator:
         return coordinator
     return str(read_cluster_json(data_dir)["coordinator"])
-
-
-async def _view(address: str) -> dict[str, Any]:
-    from cohort.coord import connect
-    from cohort.rpc import RpcError
-
-    c = connect(address)
-    try:
-        return await c.view()
-    except RpcError as e:
-        fail(
-            f"cannot reach the coordinator at {address}: {e.message or e.code}",
-            "is the cluster running? `cohort up` starts one; check --coordinator",
-        )
-        raise
-    finally:
-        await c.close()
 
 
 @app.command()
@@ -148,61 +129,11 @@ async def _events(address: str) -> list[dict[str, Any]]:
         await c.close()
 
 
-@app.command()
-def status(
-    data_dir: DataDir = Path("./cohort-data"),
-    coordinator: Annotated[str | None, typer.Option(help="Coordinator HOST:PORT.")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
-) -> None:
-    """Members, their state and partition counts, read from the coordinator."""
-    addr = coordinator_address(data_dir, coordinator)
-    view = asyncio.run(_view(addr))
-    owners = Counter(p[0] for p in view["partitions"])
-    members = []
-    for m in view["members"]:
-        members.append(
-            {
-                "id": m["id"],
-                "role": m["role"],
-                "state": m["state"],
-                "address": m["address"],
-                "pid": m.get("pid", 0),
-                "partitions": owners.get(m["id"], 0) if m["role"] == "server" else None,
-            }
-        )
-    unowned = owners.get(None, 0)
-    live_servers = [m for m in members if m["role"] == "server" and m["state"] == "alive"]
-    verdict = "healthy" if unowned == 0 and live_servers else "degraded"
-    doc = {
-        "coordinator": addr,
-        "version": view["version"],
-        "verdict": verdict,
-        "partitions": len(view["partitions"]),
-        "unassigned_partitions": unowned,
-        "buckets": len(view["buckets"]),
-        "members": members,
-    }
-    if as_json:
-        print(json.dumps(doc, indent=2))
-        return
-    t = Table(title=f"Cohort cluster ({addr}, view v{view['version']})")
-    for col in ("role", "id", "state", "address", "pid", "partitions"):
-        t.add_column(col)
-    for m in sorted(members, key=lambda m: (m["role"], m["id"])):
-        style = {"alive": "green", "draining": "yellow"}.get(m["state"], "red")
-        t.add_row(
-            m["role"],
-            m["id"],
-            f"[{style}]{m['state']}[/]",
-            m["address"],
-            str(m["pid"]),
-            "" if m["partitions"] is None else str(m["partitions"]),
-        )
-    console.print(t)
-    console.print(
-        f"{len(view['partitions'])} partitions, {unowned} unassigned, "
-        f"{len(view['buckets'])} buckets — [bold]{verdict}[/]"
-    )
+# Operator commands (status, partitions, events, top, drain, undrain, locks) live in
+# cohort.admin.commands; other command groups can be added here.
+from cohort.admin.commands import register as _register_operator_commands  # noqa: E402
+
+_register_operator_commands(app)
 
 
 def main() -> None:
