@@ -327,10 +327,11 @@ def status(
         "address": max([len(m["address"]) for m in doc["members"]] + [7]),
         "state": 8,
     }
-    for col in ("role", "id", "state", "address", "partitions", "locks", "objects", "requests"):
+    widths["role"] = 8
+    for col in ("role", "id", "state", "address", "parts", "objs", "reqs"):
         t.add_column(
             col,
-            justify="right" if col in ("partitions", "locks", "objects") else "left",
+            justify="right" if col in ("parts", "objs", "reqs") else "left",
             min_width=widths.get(col),
             no_wrap=col in widths,
         )
@@ -343,11 +344,11 @@ def status(
             style = "red"
         if m["role"] == "server":
             parts = str(m["partitions"])
-            if m["recovering"]:
-                parts += f" ({m['recovering']} recovering)"
-            row = [parts, str(m["locks_held"]), str(m["objects"]), str(m["requests"])]
+            if m["locks_held"] != m["partitions"] or m["recovering"]:
+                parts += f" ({m['locks_held']} locked, {m['recovering']} recovering)"
+            row = [parts, str(m["objects"]), str(m["requests"])]
         else:
-            row = ["", "", "", ""]
+            row = ["", "", ""]
         t.add_row(m["role"], m["id"], f"[{style}]{state}[/]", m["address"], *row)
     console.print(t)
     colour = {"healthy": "green", "degraded": "yellow", "down": "red"}[doc["verdict"]]
