@@ -122,9 +122,7 @@ class EtcdCluster:
                 )
             )
         if not self._own_dir:
-            ports_file.write_text(
-                json.dumps([[m.client_port, m.peer_port] for m in self.members])
-            )
+            ports_file.write_text(json.dumps([[m.client_port, m.peer_port] for m in self.members]))
             (self.base_dir / "token").write_text(json.dumps(self.token))
 
     # -- addresses ------------------------------------------------------------------------
