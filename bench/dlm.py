@@ -371,7 +371,11 @@ def bench_zookeeper(seconds: float, threads_list: list[int]) -> dict[int, float]
     if java is None or not jar.exists():
         return "ZooKeeper not installed (apt-get install zookeeperd)"
     try:
+        import logging
+
         from kazoo.client import KazooClient
+
+        logging.getLogger("kazoo").setLevel(logging.CRITICAL)  # connect retries are noise
     except ImportError:
         return "kazoo Python package missing (pip install -r requirements.lock)"
     port = free_port()
