@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.live import Live
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -513,21 +514,15 @@ async def _top_sample(addr: str, interval: float) -> dict[str, Any]:
 
 def _top_table(doc: dict[str, Any], addr: str) -> Table:
     t = Table(
-        title=f"cohort top  {addr}  {time.strftime('%H:%M:%S')}  (rates over {doc['interval']:.1f}s)"
+        title=f"cohort top  {addr}  {time.strftime('%H:%M:%S')}  (rates over {doc['interval']:.1f}s)",
+        box=box.SIMPLE_HEAD,
+        show_edge=False,
+        pad_edge=False,
     )
-    for col in (
-        "member",
-        "role",
-        "req/s",
-        "err/s",
-        "mean ms",
-        "p99 ms",
-        "lock ops/s",
-        "renewals/s",
-        "log appends/s",
-        "partitions",
-    ):
-        t.add_column(col, justify="left" if col in ("member", "role") else "right")
+    width = max([len(m) for m in doc["members"]] + [len(m) for m in doc["unreachable"]] + [6])
+    t.add_column("member", no_wrap=True, min_width=width)
+    for col in ("req/s", "err/s", "mean ms", "p99 ms", "lock/s", "renew/s", "log/s", "parts"):
+        t.add_column(col, justify="right")
     order = {"coordinator": 0, "director": 1, "server": 2}
 
     def f(v: Any, nd: int = 1) -> str:
@@ -538,7 +533,6 @@ def _top_table(doc: dict[str, Any], addr: str) -> Table:
     ):
         t.add_row(
             mid,
-            m["role"],
             f(m["rps"]),
             f(m["errors_ps"]),
             f(m["mean_ms"], 2),
@@ -549,7 +543,7 @@ def _top_table(doc: dict[str, Any], addr: str) -> Table:
             "-" if m["partitions"] is None else str(int(m["partitions"])),
         )
     for mid in doc["unreachable"]:
-        t.add_row(mid, "?", "[red]no metrics[/]", *[""] * 7)
+        t.add_row(mid, "[red]no metrics[/]", *[""] * 7)
     return t
 
 
