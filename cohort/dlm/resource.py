@@ -356,8 +356,8 @@ class LockTable:
         """Convert granted lock ``key`` to ``mode`` (up or down).
 
         ``value`` is written to the value block if the lock is held in PW/EX (a
-        down-conversion hands it on).  ``flags`` replaces the lock's flags if given
-        (NOQUEUE/QUECVT apply to this conversion).  Raises ``KeyError`` for an unknown
+        down-conversion hands it on).  ``flags``: NOQUEUE/QUECVT for this conversion
+        (other bits are ignored; the lock keeps its BLOCKING/EXPEDITE choice).  Raises ``KeyError`` for an unknown
         key and ``ValueError`` if the lock is not granted or already converting.
         """
         lk = self.locks[key]
@@ -365,7 +365,8 @@ class LockTable:
             raise ValueError(f"lock {key!r} is not granted (state {lk.state})")
         res = lk.resource
         if flags is not None:
-            lk.flags = flags
+            # only the per-conversion options change; BLOCKING/EXPEDITE stay as requested
+            lk.flags = (lk.flags & ~(NOQUEUE | QUECVT)) | (flags & (NOQUEUE | QUECVT))
         if value is not None:
             value = _check_value(value)
         if value is not None and lk.mode >= Mode.PW:
