@@ -240,7 +240,39 @@ class LocalCluster:
         self._spawn(proc)
         return proc
 
+    def metrics_urls(self) -> dict[str, str]:
+        """Each member's Prometheus endpoint, as it reported it to the coordinator (servers
+        and the coordinator use a side port; directors serve ``/_cohort/metrics``)."""
+        import asyncio
+
+        from cohort.coord import connect
+
+        async def get_view() -> dict[str, Any]:
+            c = connect(self.coordinator_address)
+            try:
+                return await c.view()
+            finally:
+                await c.close()
+
+        try:
+            view = asyncio.run(get_view())
+        except Exception:  # best effort: cluster.json must be written regardless
+            return {}
+        out = {
+            m["id"]: f"http://{m['meta']['metrics']}/metrics"
+            for m in view["members"]
+            if (m.get("meta") or {}).get("metrics")
+        }
+        for p in self.procs.values():
+            if p.role == "director":
+                out[p.id] = f"http://{p.address}/_cohort/metrics"
+        coord = (view.get("coordinator") or {}).get("metrics")
+        if coord:
+            out["coordinator"] = f"http://{coord}/metrics"
+        return out
+
     def write_cluster_json(self) -> None:
+        metrics = self.metrics_urls()
         doc = {
             "s3_endpoint": self.s3_endpoint,
             "access_key": self.creds["access_key"],
@@ -251,7 +283,14 @@ class LocalCluster:
             "coordinator": self.coordinator_address,
             "partitions": self.partitions,
             "members": [
-                {"role": p.role, "id": p.id, "address": p.address, "pid": p.pid, "log": p.log}
+                {
+                    "role": p.role,
+                    "id": p.id,
+                    "address": p.address,
+                    "pid": p.pid,
+                    "log": p.log,
+                    "metrics": metrics.get(p.id, ""),
+                }
                 for p in self.procs.values()
             ],
         }
