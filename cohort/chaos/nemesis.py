@@ -230,11 +230,15 @@ class Nemesis:
 
             async def restart() -> None:
                 assert self.restart_fn is not None
-                res = self.restart_fn(self.members[m.id])
-                if inspect.isawaitable(res):
-                    pid = await res
+                fn: Callable[[Member], Any] = self.restart_fn
+                res: Any
+                if inspect.iscoroutinefunction(fn):
+                    res = fn(self.members[m.id])
                 else:
-                    pid = res
+                    # a blocking restart (spawn, wait for READY) must not stall the loop,
+                    # which may be running proxies and clients
+                    res = await asyncio.to_thread(fn, self.members[m.id])
+                pid = await res if inspect.isawaitable(res) else res
                 if pid:
                     self.members[m.id] = replace(self.members[m.id], pid=pid)
                     rec.detail += f", restarted as pid {pid}"
