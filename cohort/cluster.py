@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from cohort.tenants import load_or_create_master_key
+
 
 @dataclass
 class Proc:
@@ -122,6 +124,10 @@ class LocalCluster:
         return self.data_dir / "storage"
 
     @property
+    def master_key_path(self) -> Path:
+        return self.data_dir / "master.key"
+
+    @property
     def cluster_json(self) -> Path:
         return self.data_dir / "cluster.json"
 
@@ -158,6 +164,7 @@ class LocalCluster:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.storage.mkdir(exist_ok=True)
         self.creds = load_credentials(self.data_dir)
+        load_or_create_master_key(self.master_key_path)
         if self.coordinator == "etcd":
             from cohort.etcd_server import EtcdCluster
 
@@ -230,6 +237,8 @@ class LocalCluster:
                 str(self.storage),
                 "--credentials",
                 str(self.data_dir / "credentials.json"),
+                "--master-key",
+                str(self.master_key_path),
                 "--host",
                 self.host,
                 "--port",

@@ -136,6 +136,16 @@ from cohort.admin.commands import register as _register_operator_commands  # noq
 _register_operator_commands(app)
 
 
+def _register_tenant_commands() -> None:
+    from cohort.admin.tenant_cli import key_app, tenant_app
+
+    app.add_typer(tenant_app, name="tenant")
+    app.add_typer(key_app, name="key")
+
+
+_register_tenant_commands()
+
+
 def main() -> None:
     try:
         app()

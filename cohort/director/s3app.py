@@ -34,9 +34,10 @@ from cohort.s3 import names, xmlio
 from cohort.s3.checksums import parse_checksum_headers
 from cohort.s3.chunked import AwsChunkedDecoder
 from cohort.s3.errors import ERROR_TABLE, S3Error
-from cohort.s3.sigv4 import AuthResult, verify
+from cohort.s3.sigv4 import AuthResult, has_auth, verify
 from cohort.server.state import ObjectMeta, meta_from_wire, meta_to_wire
 from cohort.storage.base import NotFound, Store
+from cohort.tenants import ADMIN_TENANT, KeyCache, TenantRegistry
 
 log = logging.getLogger("cohort.director.s3")
 
@@ -44,6 +45,9 @@ READ_CHUNK = 1 << 20
 SMALL_OBJECT = 1 << 20
 MAX_OBJECT = 5 * 1024**4  # 5 TiB, S3's limit for one object
 MAX_SINGLE_PUT = 5 * 1024**3  # 5 GiB, S3's limit for one PUT
+# operations an anonymous (unsigned) request may attempt; ACLs then decide
+ANONYMOUS_OPS = {"GetObject", "HeadObject", "ListObjects", "ListObjectsV2", "HeadBucket"}
+CANNED_ACLS = {"private", "public-read"}
 _STANDARD_HEADERS = (
     "Cache-Control",
     "Content-Disposition",
@@ -70,10 +74,14 @@ class S3App:
         *,
         region: str = "us-east-1",
         member_id: str = "director",
+        keys: KeyCache | None = None,
+        registry: TenantRegistry | None = None,
     ) -> None:
+        self.registry = registry
         self.router = router
         self.store = store
-        self.secret_for = credentials
+        self.secret_for = keys.secret_for if keys is not None else credentials
+        self.keys = keys
         self.region = region
         self.member_id = member_id
         self.requests = 0
@@ -128,7 +136,20 @@ class S3App:
             query = dict(urllib.parse.parse_qsl(request.query_string, keep_blank_values=True))
             req = classify(request.method, bucket, key, query, request.headers)
             op = req.op
-            request["auth"] = self.authenticate(request, raw_path)
+            request["op"] = op
+            if has_auth(
+                urllib.parse.parse_qsl(request.query_string, keep_blank_values=True),
+                request.headers,
+            ):
+                auth = self.authenticate(request, raw_path)
+                request["auth"] = auth
+                tenant = self.keys.tenant_of(auth.access_key) if self.keys else None
+                request["tenant"] = tenant or ADMIN_TENANT
+            elif op in ANONYMOUS_OPS:
+                request["auth"] = None
+                request["tenant"] = None  # anonymous: allowed only where an ACL says so
+            else:
+                raise S3Error("AccessDenied", "Anonymous users cannot perform this operation.")
             handler = self.handlers.get(req.op)
             if handler is None:
                 raise S3Error("NotImplemented", f"{req.op} is not implemented by Cohort yet.")
@@ -173,14 +194,40 @@ class S3App:
         )
 
     # -- helpers ---------------------------------------------------------------------------
-    async def bucket_id(self, name: str) -> str:
+    async def bucket_id(self, name: str, request: web.Request) -> str:
+        """The bucket's id, after checking that the caller may use it at all: its tenant
+        owns it, or (anonymous callers) a public-read ACL may let it read."""
         b = self.router.buckets.get(name)
         if b is None:
             await self.router.refresh()  # it may have been created through another director
             b = self.router.buckets.get(name)
         if b is None:
             raise S3Error("NoSuchBucket", resource=name, extra={"BucketName": name})
+        tenant = request.get("tenant")
+        if tenant is None:
+            public = self.keys is not None and self.keys.bucket_acl(name) == "public-read"
+            # anonymous object reads are decided per object (its own ACL) in get_object
+            if not public and request["op"] not in ("GetObject", "HeadObject"):
+                raise S3Error("AccessDenied", resource=name)
+        elif b.get("tenant", ADMIN_TENANT) != tenant:
+            raise S3Error("AccessDenied", resource=name)
         return str(b["id"])
+
+    @staticmethod
+    def _canned_acl(request: web.Request) -> str | None:
+        acl = request.headers.get("x-amz-acl")
+        if acl is None:
+            return None
+        if acl not in CANNED_ACLS:
+            raise S3Error(
+                "NotImplemented",
+                f"Canned ACL {acl!r} is not supported by Cohort (use private or public-read).",
+            )
+        return acl
+
+    def _owner(self, request: web.Request) -> xmlio.Owner:
+        tenant = request.get("tenant") or "anonymous"
+        return xmlio.Owner(tenant, tenant)
 
     def partition(self, bucket_id: str, key: str) -> int:
         return partition_of(bucket_id, key, self.router.partition_count)
@@ -196,10 +243,14 @@ class S3App:
     # -- buckets ---------------------------------------------------------------------------
     async def list_buckets(self, request: web.Request, bucket: str, key: str) -> web.Response:
         await self.router.refresh()
-        buckets = sorted(self.router.buckets.values(), key=lambda b: b["name"])
+        tenant = request["tenant"]
+        buckets = sorted(
+            (b for b in self.router.buckets.values() if b.get("tenant", ADMIN_TENANT) == tenant),
+            key=lambda b: b["name"],
+        )
         body = xmlio.render_list_buckets(
             [xmlio.BucketInfo(b["name"], _dt(float(b["created"])), self.region) for b in buckets],
-            xmlio.Owner(request["auth"].access_key, request["auth"].access_key),
+            self._owner(request),
         )
         return web.Response(body=body, content_type="application/xml")
 
@@ -215,7 +266,10 @@ class S3App:
                     status=400,
                 )
         try:
-            await self.router.coord.create_bucket(bucket)
+            acl = self._canned_acl(request)
+            await self.router.coord.create_bucket(bucket, request["tenant"])
+            if self.registry is not None:
+                await self.registry.set_bucket_acl(bucket, acl)
         except RpcError as e:
             if e.code in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
                 raise S3Error(e.code, resource=bucket, extra={"BucketName": bucket}) from None
@@ -224,16 +278,18 @@ class S3App:
         return web.Response(headers={"Location": f"/{bucket}"})
 
     async def head_bucket(self, request: web.Request, bucket: str, key: str) -> web.Response:
-        await self.bucket_id(bucket)
+        await self.bucket_id(bucket, request)
         return web.Response(headers={"x-amz-bucket-region": self.region})
 
     async def delete_bucket(self, request: web.Request, bucket: str, key: str) -> web.Response:
-        bid = await self.bucket_id(bucket)
+        bid = await self.bucket_id(bucket, request)
         results = await self.router.scatter("bucket.count", {"b": bid})
         if sum(int(r["count"]) for r in results) > 0:
             raise S3Error("BucketNotEmpty", resource=bucket, extra={"BucketName": bucket})
         try:
             await self.router.coord.delete_bucket(bucket, bid)
+            if self.registry is not None and self.keys is not None and self.keys.bucket_acl(bucket):
+                await self.registry.set_bucket_acl(bucket, None)
         except RpcError as e:
             if e.code == "NoSuchBucket":
                 raise S3Error("NoSuchBucket", resource=bucket) from None
@@ -244,7 +300,7 @@ class S3App:
     async def get_bucket_location(
         self, request: web.Request, bucket: str, key: str
     ) -> web.Response:
-        await self.bucket_id(bucket)
+        await self.bucket_id(bucket, request)
         return web.Response(
             body=xmlio.render_location_constraint(
                 None if self.region == "us-east-1" else self.region
@@ -255,12 +311,12 @@ class S3App:
     async def get_bucket_versioning(
         self, request: web.Request, bucket: str, key: str
     ) -> web.Response:
-        await self.bucket_id(bucket)
+        await self.bucket_id(bucket, request)
         return web.Response(body=xmlio.render_versioning(None), content_type="application/xml")
 
     # -- listing ---------------------------------------------------------------------------
     async def list_objects(self, request: web.Request, bucket: str, key: str) -> web.Response:
-        bid = await self.bucket_id(bucket)
+        bid = await self.bucket_id(bucket, request)
         q = request.query
         v2 = q.get("list-type") == "2"
         prefix = q.get("prefix", "")
@@ -315,8 +371,7 @@ class S3App:
         entries = entries[:max_keys]
         contents: list[xmlio.ObjectInfo] = []
         prefixes: list[str] = []
-        auth_key = request["auth"].access_key
-        owner = xmlio.Owner(auth_key, auth_key)
+        owner = self._owner(request)
         for k, m in entries:
             if m is None:
                 prefixes.append(k)
@@ -419,6 +474,9 @@ class S3App:
             if k.lower().startswith("x-amz-meta-")
         }
         headers = {h: request.headers[h] for h in _STANDARD_HEADERS if h in request.headers}
+        acl = self._canned_acl(request)
+        if acl is not None:
+            headers["x-amz-acl"] = acl
         if headers.get("Content-Encoding") == "aws-chunked":
             del headers["Content-Encoding"]
         elif "Content-Encoding" in headers:
@@ -444,7 +502,7 @@ class S3App:
 
     async def put_object(self, request: web.Request, bucket: str, key: str) -> web.Response:
         names.validate_key(key)
-        bid = await self.bucket_id(bucket)
+        bid = await self.bucket_id(bucket, request)
         p = self.partition(bid, key)
         auth: AuthResult = request["auth"]
         sink: list[Any] = []
@@ -487,8 +545,10 @@ class S3App:
             cond["if_match"] = im.strip().strip('"')
         return cond or None
 
-    async def _lookup(self, bucket: str, key: str) -> tuple[str, int, ObjectMeta]:
-        bid = await self.bucket_id(bucket)
+    async def _lookup(
+        self, bucket: str, key: str, request: web.Request
+    ) -> tuple[str, int, ObjectMeta]:
+        bid = await self.bucket_id(bucket, request)
         p = self.partition(bid, key)
         r = await self.call(p, "obj.get", {"b": bid, "k": key})
         if r is None:
@@ -502,14 +562,20 @@ class S3App:
             "Content-Type": meta.content_type,
             "Accept-Ranges": "bytes",
         }
-        h.update(meta.headers)
+        h.update((k, v) for k, v in meta.headers.items() if k != "x-amz-acl")
         for k, v in meta.user_meta.items():
             h[f"x-amz-meta-{k}"] = v
         return h
 
     async def get_object(self, request: web.Request, bucket: str, key: str) -> web.StreamResponse:
         names.validate_key(key)
-        _, _, meta = await self._lookup(bucket, key)
+        _, _, meta = await self._lookup(bucket, key, request)
+        if (
+            request["tenant"] is None
+            and meta.headers.get("x-amz-acl") != "public-read"
+            and not (self.keys is not None and self.keys.bucket_acl(bucket) == "public-read")
+        ):
+            raise S3Error("AccessDenied", resource=f"/{bucket}/{key}")
         headers = self._object_headers(meta)
         names.check_conditions(request.headers, meta.etag, meta.mtime, method=request.method)
         start, end = 0, meta.size - 1
@@ -572,13 +638,13 @@ class S3App:
 
     async def delete_object(self, request: web.Request, bucket: str, key: str) -> web.Response:
         names.validate_key(key)
-        bid = await self.bucket_id(bucket)
+        bid = await self.bucket_id(bucket, request)
         p = self.partition(bid, key)
         await self.call(p, "obj.delete", {"b": bid, "k": key, "rid": uuid.uuid4().hex})
         return web.Response(status=204)
 
     async def delete_objects(self, request: web.Request, bucket: str, key: str) -> web.Response:
-        bid = await self.bucket_id(bucket)
+        bid = await self.bucket_id(bucket, request)
         body = await request.read()
         if "Content-MD5" not in request.headers and not any(
             h.lower().startswith("x-amz-checksum-") for h in request.headers
@@ -618,7 +684,7 @@ class S3App:
                 "InvalidArgument",
                 "Copy Source must mention the source bucket and key: sourcebucket/sourcekey",
             )
-        _, _, smeta = await self._lookup(src_bucket, src_key)
+        _, _, smeta = await self._lookup(src_bucket, src_key, request)
         copy_conditions = {
             h[len("x-amz-copy-source-") :]: v
             for h, v in request.headers.items()
@@ -634,7 +700,7 @@ class S3App:
                 "InvalidRequest",
                 "This copy request is illegal because it is trying to copy an object to itself without changing the object's metadata, storage class, website redirect location or encryption attributes.",
             )
-        bid = await self.bucket_id(bucket)
+        bid = await self.bucket_id(bucket, request)
         p = self.partition(bid, key)
         blob_id = uuid.uuid4().hex
         new_blob: str | None = None
@@ -676,7 +742,7 @@ class S3App:
         self, request: web.Request, bucket: str, key: str
     ) -> tuple[str, int, str]:
         names.validate_key(key)
-        bid = await self.bucket_id(bucket)
+        bid = await self.bucket_id(bucket, request)
         upload_id = request.query.get("uploadId", "")
         if not upload_id:
             raise S3Error("NoSuchUpload", resource=key)
@@ -684,7 +750,7 @@ class S3App:
 
     async def create_multipart(self, request: web.Request, bucket: str, key: str) -> web.Response:
         names.validate_key(key)
-        bid = await self.bucket_id(bucket)
+        bid = await self.bucket_id(bucket, request)
         p = self.partition(bid, key)
         upload_id = uuid.uuid4().hex
         template = self._meta_from_headers(request, 0, "", None, {})
@@ -703,7 +769,7 @@ class S3App:
         checksums: dict[str, str] = {}
         if copy:
             src_bucket, src_key, _ = names.parse_copy_source(request.headers["x-amz-copy-source"])
-            _, _, smeta = await self._lookup(src_bucket, src_key)
+            _, _, smeta = await self._lookup(src_bucket, src_key, request)
             rng = request.headers.get("x-amz-copy-source-range")
             start, end = (
                 names.parse_copy_source_range(rng, smeta.size) if rng else (0, smeta.size - 1)
@@ -804,7 +870,7 @@ class S3App:
         for n in page:
             size, etag, _blob, mtime, cks = up["parts"][n]
             infos.append(xmlio.PartInfo(n, _dt(mtime), etag, size, cks))
-        owner = xmlio.Owner(request["auth"].access_key, request["auth"].access_key)
+        owner = self._owner(request)
         body = xmlio.render_list_parts(
             xmlio.ListPartsResult(
                 bucket=bucket,
@@ -822,7 +888,7 @@ class S3App:
         return web.Response(body=body, content_type="application/xml")
 
     async def list_uploads(self, request: web.Request, bucket: str, key: str) -> web.Response:
-        bid = await self.bucket_id(bucket)
+        bid = await self.bucket_id(bucket, request)
         q = request.query
         prefix = q.get("prefix", "")
         delimiter = q.get("delimiter", "")

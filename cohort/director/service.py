@@ -9,6 +9,7 @@ import logging
 import os
 import signal
 import socket
+from pathlib import Path
 
 from aiohttp import web
 
@@ -21,6 +22,7 @@ from cohort.logs import setup_logging
 from cohort.metrics import DirectorMetrics
 from cohort.rpc import RpcError
 from cohort.storage.local import LocalStore
+from cohort.tenants import KeyCache, TenantRegistry
 
 log = logging.getLogger("cohort.director")
 
@@ -56,7 +58,10 @@ async def serve(args: argparse.Namespace) -> None:
     await router.start()
     keys = load_keys(args.credentials)
     store = LocalStore(args.storage)
-    s3 = S3App(router, store, keys.get, member_id=args.id)
+    master = Path(args.master_key).read_bytes().strip() if args.master_key else None
+    key_cache = KeyCache(store, master, bootstrap=keys)
+    registry = TenantRegistry(store, master) if master else None
+    s3 = S3App(router, store, keys.get, member_id=args.id, keys=key_cache, registry=registry)
     metrics = DirectorMetrics(args.id)
     metrics.watch_router(router)
     s3.on_request = metrics.observe
@@ -91,6 +96,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--coordinator", required=True)
     ap.add_argument("--storage", required=True)
     ap.add_argument("--credentials", required=True, help="JSON file with access_key/secret_key")
+    ap.add_argument("--master-key", default=None, help="file with the key that encrypts tenant secrets")
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=9000)
     ap.add_argument("--log-file", default=None)
