@@ -19,6 +19,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.error
@@ -205,19 +206,53 @@ class EtcdCluster:
                     raise RuntimeError(f"{m.name} not ready after {timeout}s: {self.tail(i)}")
                 time.sleep(0.05)
 
-    def member_healthy(self, i: int, timeout: float = 1.0) -> bool:
+    def probe(
+        self, i: int, path: str, body: dict[str, object], timeout: float = 1.0
+    ) -> dict[str, object] | None:
+        """POST to member ``i``'s gateway (from inside its namespace when it has a prefix)."""
         m = self.members[i]
-        req = urllib.request.Request(
-            m.client_url + "/v3/kv/range",
-            data=json.dumps({"key": "aGVhbHRo"}).encode(),
-            method="POST",
-        )
+        url = m.client_url + "/v3" + path
+        data = json.dumps(body)
+        if m.prefix:
+            code = (
+                "import sys,urllib.request as u;"
+                "r=u.urlopen(u.Request(sys.argv[1],data=sys.argv[2].encode(),method='POST'),"
+                "timeout=float(sys.argv[3]));sys.stdout.write(r.read().decode())"
+            )
+            try:
+                out = subprocess.run(
+                    [*m.prefix, sys.executable, "-c", code, url, data, str(timeout)],
+                    capture_output=True,
+                    timeout=timeout + 5,
+                    check=False,
+                )
+                doc = json.loads(out.stdout) if out.returncode == 0 else None
+            except (subprocess.TimeoutExpired, ValueError):
+                return None
+            return doc if isinstance(doc, dict) else None
+        req = urllib.request.Request(url, data=data.encode(), method="POST")
         try:
             with urllib.request.urlopen(req, timeout=timeout) as r:
                 doc = json.loads(r.read())
-                return "header" in doc
+                return doc if isinstance(doc, dict) else None
         except (OSError, urllib.error.URLError, ValueError):
-            return False
+            return None
+
+    def member_healthy(self, i: int, timeout: float = 1.0) -> bool:
+        """A linearizable read through member ``i`` succeeds (it is part of a quorum)."""
+        doc = self.probe(i, "/kv/range", {"key": "aGVhbHRo"}, timeout)
+        return doc is not None and "header" in doc
+
+    def leader_index(self) -> int | None:
+        """Index of the current leader, asking each member in turn."""
+        for i in range(len(self.members)):
+            doc = self.probe(i, "/maintenance/status", {})
+            if doc is None:
+                continue
+            header = doc.get("header")
+            if isinstance(header, dict) and header.get("member_id") == doc.get("leader"):
+                return i
+        return None
 
     def tail(self, i: int, n: int = 3000) -> str:
         p = self.members[i].log_path

@@ -151,7 +151,7 @@ class EtcdClient:
 
     RETRY_CODES = {4, 14}  # DEADLINE_EXCEEDED, UNAVAILABLE (no leader, request timed out)
 
-    def __init__(self, endpoints: list[str], *, attempt_timeout: float = 0.8) -> None:
+    def __init__(self, endpoints: list[str], *, attempt_timeout: float = 0.5) -> None:
         self.endpoints = [e if "://" in e else f"http://{e}" for e in endpoints]
         self.current = 0
         self.attempt_timeout = attempt_timeout
