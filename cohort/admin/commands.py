@@ -298,8 +298,7 @@ def status(
     coordinator: CoordOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """The three layers, every member (role, state, address, load, partitions), the
-    coordinator's health and a one-line verdict."""
+    """Layers, members (role, state, address, load, partitions), coordinator health, verdict."""
     addr = resolve(data_dir, coordinator)
     storage = None
     cj = data_dir / "cluster.json"
@@ -740,8 +739,7 @@ def locks(
     node: Annotated[str | None, typer.Option("--node", help="Only this server's locks.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """DLM view per server (resources mastered, locks, directory).  Until the DLM runs
-    inside the servers this says so, and shows the coordinator-held partition locks."""
+    """The DLM's view per server (says so plainly while servers do not run the DLM)."""
     addr = resolve(data_dir, coordinator)
     doc = run(_locks(addr, node))
     if as_json:
