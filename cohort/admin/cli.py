@@ -146,6 +146,90 @@ def _register_tenant_commands() -> None:
 _register_tenant_commands()
 
 
+# -- single roles from a node config file (docs/deploy.md) ----------------------------------------
+ConfigFile = Annotated[
+    Path, typer.Option("--config", "-c", help="Node config file (TOML); see docs/deploy.md.")
+]
+
+
+def _node_config(path: Path) -> Any:
+    from cohort.config import ConfigError, load_config
+
+    try:
+        return load_config(path)
+    except ConfigError as e:
+        fail(str(e), "see docs/deploy.md for a complete example")
+
+
+@app.command("server")
+def server_role(config: ConfigFile = Path("/etc/cohort/cohort.toml")) -> None:
+    """Run this machine's middle-layer server (one role, in the foreground)."""
+    from cohort.server import service
+
+    cfg = _node_config(config)
+    argv = ["--id", cfg.server_id, "--coordinator", cfg.coordinator_address(),
+            "--storage", cfg.storage_path, "--host", cfg.address,
+            "--port", str(cfg.server_port), "--capacity", str(cfg.capacity)]  # fmt: skip
+    if cfg.standby:
+        argv.append("--standby")
+    if cfg.log_file(cfg.server_id):
+        argv += ["--log-file", cfg.log_file(cfg.server_id)]
+    service.main(argv)
+
+
+@app.command("director")
+def director_role(config: ConfigFile = Path("/etc/cohort/cohort.toml")) -> None:
+    """Run this machine's S3 director (one role, in the foreground)."""
+    from cohort.director import service
+
+    cfg = _node_config(config)
+    if not cfg.credentials:
+        fail(f"{config}: [cluster] credentials is not set", "point it at a JSON file with "
+             '{"access_key": ..., "secret_key": ...} readable only by cohort')  # fmt: skip
+    argv = ["--id", cfg.director_id, "--coordinator", cfg.coordinator_address(),
+            "--storage", cfg.storage_path, "--credentials", cfg.credentials,
+            "--host", cfg.address, "--port", str(cfg.director_port)]  # fmt: skip
+    if cfg.log_file(cfg.director_id):
+        argv += ["--log-file", cfg.log_file(cfg.director_id)]
+    service.main(argv)
+
+
+@app.command("coordinator")
+def coordinator_role(config: ConfigFile = Path("/etc/cohort/cohort.toml")) -> None:
+    """Run the coordinator role: the embedded coordinator, or with etcd a primary candidate."""
+    cfg = _node_config(config)
+    if not cfg.uses_etcd:
+        from cohort.coord import embedded
+
+        argv = ["--data-dir", cfg.coordinator_data_dir, "--host", cfg.address,
+                "--port", str(cfg.coordinator_port), "--partitions", str(cfg.partitions),
+                "--lease-ttl", str(cfg.lease_ttl)]  # fmt: skip
+        if cfg.log_file("coordinator"):
+            argv += ["--log-file", cfg.log_file("coordinator")]
+        embedded.main(argv)
+        return
+    from cohort.logs import setup_logging
+
+    setup_logging(f"primary-{cfg.node_id}", cfg.log_file(f"primary-{cfg.node_id}"))
+    asyncio.run(_primary_candidate(cfg.coordinator_address(), f"primary-{cfg.node_id}"))
+
+
+async def _primary_candidate(address: str, name: str) -> None:
+    """Stand for election as the primary (partition assignment) until SIGTERM/SIGINT."""
+    from cohort.coord.etcd import EtcdCoordinator
+
+    coord = EtcdCoordinator(address, campaign=True, name=name)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    task = asyncio.create_task(coord.run_primary())
+    print(f"READY primary candidate {name} on {address}", flush=True)
+    await stop.wait()
+    task.cancel()
+    await coord.close()
+
+
 def main() -> None:
     try:
         app()
