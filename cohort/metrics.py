@@ -22,19 +22,18 @@ scrape time through callbacks, so it costs nothing between scrapes.
 from __future__ import annotations
 
 import time
+from bisect import bisect_left
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any
 
 from aiohttp import web
-from prometheus_client import (
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    ProcessCollector,
-    generate_latest,
+from prometheus_client import CollectorRegistry, Gauge, ProcessCollector, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
 )
-from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -60,6 +59,110 @@ FSYNC_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.0
 REPLAY_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 Handler = Callable[[Any], Awaitable[Any]]
+
+
+# ---------------------------------------------------------------------------------- primitives
+# prometheus_client's Counter/Histogram take a lock on every update (and a Histogram walks
+# its buckets linearly).  Cohort updates metrics only from its event-loop thread and scrapes
+# them from the same thread, so these lock-free versions suffice: an update is an attribute
+# add (counter) or a bisect plus two adds (histogram).
+
+
+class _CounterChild:
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0.0
+
+    def inc(self, amount: float = 1.0) -> None:
+        self.value += amount
+
+
+class _HistogramChild:
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+
+class LoopCounter(Collector):
+    """A counter family updated from one thread (the event loop); see above."""
+
+    def __init__(
+        self,
+        name: str,
+        doc: str,
+        labelnames: Iterable[str] = (),
+        *,
+        registry: CollectorRegistry,
+    ) -> None:
+        self.name, self.doc, self.labelnames = name, doc, tuple(labelnames)
+        self.children: dict[tuple[str, ...], _CounterChild] = {}
+        if not self.labelnames:
+            self._default = self.labels()
+        registry.register(self)
+
+    def labels(self, *values: str) -> _CounterChild:
+        ch = self.children.get(values)
+        if ch is None:
+            ch = self.children[values] = _CounterChild()
+        return ch
+
+    def inc(self, amount: float = 1.0) -> None:
+        self._default.value += amount
+
+    def collect(self) -> Iterable[Metric]:
+        fam = CounterMetricFamily(self.name, self.doc, labels=self.labelnames)
+        for values, ch in list(self.children.items()):
+            fam.add_metric(list(values), ch.value)
+        yield fam
+
+
+class LoopHistogram(Collector):
+    """A histogram family updated from one thread (the event loop); see above."""
+
+    def __init__(
+        self,
+        name: str,
+        doc: str,
+        labelnames: Iterable[str] = (),
+        *,
+        buckets: tuple[float, ...],
+        registry: CollectorRegistry,
+    ) -> None:
+        self.name, self.doc, self.labelnames = name, doc, tuple(labelnames)
+        self.bounds = tuple(sorted(buckets))
+        self.children: dict[tuple[str, ...], _HistogramChild] = {}
+        if not self.labelnames:
+            self._default = self.labels()
+        registry.register(self)
+
+    def labels(self, *values: str) -> _HistogramChild:
+        ch = self.children.get(values)
+        if ch is None:
+            ch = self.children[values] = _HistogramChild(self.bounds)
+        return ch
+
+    def observe(self, value: float) -> None:
+        self._default.observe(value)
+
+    def collect(self) -> Iterable[Metric]:
+        fam = HistogramMetricFamily(self.name, self.doc, labels=self.labelnames)
+        les = [repr(float(b)) for b in self.bounds] + ["+Inf"]
+        for values, ch in list(self.children.items()):
+            acc = 0
+            buckets: list[tuple[str, float]] = []
+            for le, c in zip(les, ch.counts, strict=True):
+                acc += c
+                buckets.append((le, float(acc)))
+            fam.add_metric(list(values), buckets, ch.sum)
+        yield fam
 
 
 class _Base:
@@ -98,13 +201,13 @@ class DirectorMetrics(_Base):
     def __init__(self, member_id: str) -> None:
         super().__init__("director", member_id)
         r = self.registry
-        self.requests = Counter(
+        self.requests = LoopCounter(
             "cohort_s3_requests",
             "S3 requests answered, by operation and HTTP status.",
             ["op", "status"],
             registry=r,
         )
-        self.latency = Histogram(
+        self.latency = LoopHistogram(
             "cohort_s3_request_seconds",
             "S3 request latency (until the response is complete), by operation and status.",
             ["op", "status"],
@@ -148,60 +251,60 @@ class ServerMetrics(_Base):
     def __init__(self, member_id: str) -> None:
         super().__init__("server", member_id)
         r = self.registry
-        self.rpc_calls = Counter(
+        self.rpc_calls = LoopCounter(
             "cohort_rpc_calls", "RPC calls handled, by method.", ["method"], registry=r
         )
-        self.rpc_errors = Counter(
+        self.rpc_errors = LoopCounter(
             "cohort_rpc_errors",
             "RPC calls that failed, by method and error code.",
             ["method", "code"],
             registry=r,
         )
-        self.rpc_latency = Histogram(
+        self.rpc_latency = LoopHistogram(
             "cohort_rpc_seconds",
             "RPC handling time, by method.",
             ["method"],
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
-        self.lease_renewals = Counter(
+        self.lease_renewals = LoopCounter(
             "cohort_lease_renewals", "Heartbeats that renewed the lease.", registry=r
         )
-        self.lease_failures = Counter(
+        self.lease_failures = LoopCounter(
             "cohort_lease_renewal_failures",
             "Heartbeats that failed (timeout, unreachable, declared dead).",
             registry=r,
         )
-        self.lease_lost = Counter(
+        self.lease_lost = LoopCounter(
             "cohort_lease_lost", "Times the lease ran out and the server self-fenced.", registry=r
         )
-        self.log_appends = Counter(
+        self.log_appends = LoopCounter(
             "cohort_log_appends",
             "Operation-log segments written (one per group commit).",
             registry=r,
         )
-        self.log_bytes = Counter(
+        self.log_bytes = LoopCounter(
             "cohort_log_append_bytes", "Bytes written to operation-log segments.", registry=r
         )
-        self.log_fsync = Histogram(
+        self.log_fsync = LoopHistogram(
             "cohort_log_append_seconds",
             "Time to write and sync one log segment (create-if-absent, fsync, link).",
             buckets=FSYNC_BUCKETS,
             registry=r,
         )
-        self.checkpoints = Counter(
+        self.checkpoints = LoopCounter(
             "cohort_checkpoints", "Partition checkpoints written.", registry=r
         )
-        self.replay_seconds = Histogram(
+        self.replay_seconds = LoopHistogram(
             "cohort_replay_seconds",
             "Partition recovery time (fence + load checkpoint + replay).",
             buckets=REPLAY_BUCKETS,
             registry=r,
         )
-        self.replay_records = Counter(
+        self.replay_records = LoopCounter(
             "cohort_replay_records", "Log records replayed during partition recovery.", registry=r
         )
-        self.acquisitions = Counter(
+        self.acquisitions = LoopCounter(
             "cohort_partition_acquisitions", "Partition locks acquired (recoveries).", registry=r
         )
 
@@ -357,10 +460,10 @@ class CoordinatorMetrics(_Base):
 
     def __init__(self, state_of: Callable[[], Any]) -> None:
         super().__init__("coordinator", "coordinator")
-        self.rpc_calls = Counter(
+        self.rpc_calls = LoopCounter(
             "cohort_rpc_calls", "RPC calls handled, by method.", ["method"], registry=self.registry
         )
-        self.rpc_errors = Counter(
+        self.rpc_errors = LoopCounter(
             "cohort_rpc_errors",
             "RPC calls that failed, by method and error code.",
             ["method", "code"],
