@@ -272,6 +272,7 @@ class ChaosReport:
     started: float
     finished: float
     errors: list[str] = field(default_factory=list)
+    pids: dict[str, int] = field(default_factory=dict)  # members' PIDs at the end
 
     @property
     def status(self) -> Status:
@@ -298,6 +299,7 @@ class ChaosReport:
             "started": self.started,
             "finished": self.finished,
             "history": [o.to_dict() for o in self.history.ops],
+            "pids": self.pids,
         }
 
     def summary(self) -> str:
@@ -574,6 +576,19 @@ async def run_chaos(
         lock_intervals=list(lock_intervals()) if lock_intervals else None,
         log_records=log_sampler.result() if log_sampler is not None else None,
     )  # fmt: skip
+    broken = [f for f in nem.records if f.error]
+    if broken:
+        # a member that could not be restarted (or a fault that could not be applied)
+        # means the rest of the run tested a different cluster than intended
+        checks.append(CheckOutcome(
+            "nemesis", "unknown",
+            f"{len(broken)}/{len(nem.records)} faults had errors: {broken[0].error}",
+            [f.to_dict() for f in broken],
+        ))  # fmt: skip
+    else:
+        checks.append(
+            CheckOutcome("nemesis", "pass", f"{len(nem.records)} faults applied and healed")
+        )
     return ChaosReport(
         config=asdict(cfg),
         history=history,
@@ -584,6 +599,7 @@ async def run_chaos(
         started=started,
         finished=time.monotonic(),
         errors=errors,
+        pids=nem.pids(),
     )
 
 

@@ -112,7 +112,7 @@ async def test_healthy_run_passes(tmp_path: Path) -> None:
     rep = await run_chaos(_info(), _cfg(), client_factory=lambda: reg)
     assert rep.status == "pass" and rep.exit_code == 0, rep.summary()
     names = {c.name: c.status for c in rep.checks}
-    assert names == {"linearizability": "pass", "lost-writes": "pass",
+    assert names == {"linearizability": "pass", "lost-writes": "pass", "nemesis": "pass",
                      "lock-safety": "skipped", "single-owner": "skipped"}  # fmt: skip
     assert len(rep.history) > 50
     text = rep.summary()
