@@ -81,6 +81,7 @@ def up(
     console.print(f"  secret key: {doc['secret_key']}")
     console.print(f"  region:     {doc['region']}")
     console.print(f"  data:       {cluster.data_dir}   (cluster.json, logs/)")
+    console.print(f"  dashboard:  {doc['s3_endpoint']}/_cohort/dashboard   (sign in with the keys)")
     for m in doc["members"]:
         console.print(f"  {m['role']:<12} {m['id']:<12} {m['address']:<22} pid {m['pid']}")
     console.print("Press Ctrl-C to stop.")
