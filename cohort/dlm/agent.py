@@ -421,6 +421,13 @@ class LockAgent:
         fenced until a membership without it, then one with it again, arrives."""
         self._fence("membership lease lost")
 
+    def close(self) -> None:
+        """Shut the agent down: every local lock is lost (holders are told, as for
+        :meth:`lease_lost`) and the transport is closed.  The coordinator should
+        remove this node; its locks elsewhere vanish with the membership change."""
+        self._fence("lock agent shut down")
+        self.transport.close()
+
     def status(self) -> dict[str, Any]:
         """A plain snapshot for dashboards and tests."""
         return {
@@ -912,7 +919,10 @@ class LockAgent:
             del self.master_of[h.root]
         h.master = None
         if h.state == H_PENDING:
-            self._resolve(h)
+            if h.abandoned:
+                self._finish(h, denial_error("cancelled", h.name))
+            else:
+                self._resolve(h)
         else:
             # a conversion reached a node that no longer masters the resource
             self._finish(h, LockLost(f"lock on {h.name!r} lost in recovery"))
@@ -964,9 +974,18 @@ class LockAgent:
         self._dead_masters = {}
         claims: set[str] = set()
         for root, rec in list(self.recovering.items()):
-            # unfinished recovery: start over in this epoch
+            # unfinished recovery: start over in this epoch.  Requests that waited for
+            # it are sent back (NOTMASTER: look the master up again); our own
+            # withdrawn requests are finished here.
             self._drop_tree(root)
             del self.recovering[root]
+            for bsrc, bmsg in rec.buffered:
+                if bsrc != me and bmsg[0] in (REQ, CVT, CANCEL):
+                    self._send(bsrc, [NOTMASTER, bmsg[2]])
+                elif bsrc == me and bmsg[0] == CANCEL:
+                    bh = self.handles.get(bmsg[2])
+                    if bh is not None and bh.state == H_PENDING:
+                        self._finish(bh, denial_error(bmsg[3], bh.name))
             self.master_of.pop(root, None)
             self._dead_masters[root] = rec.dead
             claims.add(root)

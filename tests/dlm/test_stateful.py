@@ -133,8 +133,25 @@ class DlmMachine(RuleBasedStateMachine):
 
     @precondition(lambda self: len(self.live()) > 2)
     @rule(data=st.data())
+    def lose_lease(self, data: st.DataObject) -> None:
+        """Self-fencing: every local holder and waiter is told at once; then the
+        coordinator removes the node."""
+        victim = data.draw(st.sampled_from([a.node_id for a in self.live()]))
+        a = self.agents[victim]
+        held = [h for h in self.live_handles() if h.agent is a and h.granted]
+        mine = [h for h in self.live_handles() if h.agent is a]
+        a.lease_lost()
+        assert all(h.lost.is_set() for h in held)
+        assert all(h.state == H_DONE for h in mine)
+        self.crash_node(victim)
+
+    @precondition(lambda self: len(self.live()) > 2)
+    @rule(data=st.data())
     def crash(self, data: st.DataObject) -> None:
         victim = data.draw(st.sampled_from([a.node_id for a in self.live()]))
+        self.crash_node(victim)
+
+    def crash_node(self, victim: str) -> None:
         self.net.crash(victim)
         self.crash_count += 1
         self.epoch += 1
