@@ -153,12 +153,15 @@ class Router:
             out.setdefault(self.owner_address(p), []).append(p)
         return out
 
-    async def scatter(self, method: str, params: dict[str, Any]) -> list[Any]:
-        """Call ``method`` once per owner with ``params["parts"]`` set to its partitions;
-        partitions reported ``not_owned`` are retried with a fresh view.  Returns the
-        list of results."""
+    async def scatter(
+        self, method: str, params: dict[str, Any], parts: list[int] | None = None
+    ) -> list[Any]:
+        """Call ``method`` once per owner with ``params["parts"]`` set to its partitions
+        (all partitions, or those in ``parts``); partitions reported ``not_owned`` are
+        retried with a fresh view.  Returns the list of results; each carries the
+        partitions it answered for under ``"_parts"``."""
         results: list[Any] = []
-        todo = list(range(self.partition_count))
+        todo = list(range(self.partition_count)) if parts is None else list(parts)
         give_up = time.monotonic() + self.deadline
         delay = 0.02
         while todo:
@@ -170,7 +173,9 @@ class Router:
                     r = await self.pool.get(addr).call(
                         method, {**params, "parts": parts}, timeout=self.rpc_timeout
                     )
-                    return r, list(r.get("not_owned", []))
+                    missing = list(r.get("not_owned", []))
+                    r["_parts"] = [p for p in parts if p not in set(missing)]
+                    return r, missing
                 except (RpcConnectionError, RpcTimeout):
                     return None, parts
                 except RpcError as e:

@@ -16,6 +16,7 @@ import asyncio
 import base64
 import email.utils
 import hashlib
+import heapq
 import logging
 import time
 import urllib.parse
@@ -347,43 +348,22 @@ class S3App:
                     ) from None
         else:
             start_after = q.get("marker", "")
-        entries: list[tuple[str, Any]] = []
+        entries: list[list[Any]] = []
         if max_keys > 0:
-            results = await self.router.scatter(
-                "obj.list",
-                {
-                    "b": bid,
-                    "prefix": prefix,
-                    "delimiter": delimiter,
-                    "start_after": start_after,
-                    "limit": max_keys + 1,
-                },
-            )
-            merged: list[tuple[str, Any]] = []
-            for r in results:
-                merged.extend((e[0], e[1]) for e in r["entries"])
-            merged.sort(key=lambda e: e[0])
-            for e in merged:
-                if entries and entries[-1][0] == e[0]:
-                    continue
-                entries.append(e)
+            entries = await self._gather_listing(bid, prefix, delimiter, start_after, max_keys + 1)
         truncated = len(entries) > max_keys
         entries = entries[:max_keys]
         contents: list[xmlio.ObjectInfo] = []
         prefixes: list[str] = []
         owner = self._owner(request)
-        for k, m in entries:
-            if m is None:
-                prefixes.append(k)
+        for e in entries:
+            if len(e) == 1:
+                prefixes.append(e[0])
             else:
-                meta = meta_from_wire(m)
+                k, size, etag, mtime = e
                 contents.append(
                     xmlio.ObjectInfo(
-                        key=k,
-                        last_modified=_dt(meta.mtime),
-                        etag=meta.etag,
-                        size=meta.size,
-                        owner=owner,
+                        key=k, last_modified=_dt(mtime), etag=etag, size=size, owner=owner
                     )
                 )
         last = entries[-1][0] if entries else ""
@@ -410,6 +390,48 @@ class S3App:
             result.next_marker = last if truncated and delimiter else None
             body = xmlio.render_list_objects_v1(result)
         return web.Response(body=body, content_type="application/xml")
+
+    async def _gather_listing(
+        self, bid: str, prefix: str, delimiter: str, start_after: str, need: int
+    ) -> list[list[Any]]:
+        """The first ``need`` entries after ``start_after``, merged from every owner.
+
+        Each owner returns a sorted slice of its partitions.  Asking every owner for
+        ``need`` entries would read (owners x need) to use ``need``; instead each is asked
+        for a fair share plus slack, the merge is trusted only up to the smallest last key
+        among slices that may have more, and only those slices are asked for more.
+        """
+        owners = max(1, len(set(self.router.addresses.values())))
+        per = min(need, need * 5 // (4 * owners) + 16)
+        params = {"b": bid, "prefix": prefix, "delimiter": delimiter}
+        results = await self.router.scatter(
+            "obj.list", {**params, "start_after": start_after, "limit": per}
+        )
+        # slice = [parts, entries, may_have_more, limit used]
+        slices = [[r["_parts"], r["entries"], len(r["entries"]) >= per, per] for r in results]
+        while True:
+            bound = min((sl[1][-1][0] for sl in slices if sl[2] and sl[1]), default=None)
+            merged: list[list[Any]] = []
+            for e in heapq.merge(*(sl[1] for sl in slices), key=lambda e: e[0]):
+                if bound is not None and e[0] > bound:
+                    break
+                if merged and merged[-1][0] == e[0]:
+                    continue  # a common prefix reported by several owners
+                merged.append(e)
+                if len(merged) >= need:
+                    return merged
+            if bound is None:
+                return merged
+            for sl in slices:
+                if sl[2] and sl[1] and sl[1][-1][0] == bound:
+                    more = sl[3] * 2
+                    rs = await self.router.scatter(
+                        "obj.list", {**params, "start_after": bound, "limit": more}, parts=sl[0]
+                    )
+                    extra = sorted((e for r in rs for e in r["entries"]), key=lambda e: e[0])
+                    sl[1] = sl[1] + extra
+                    sl[2] = any(len(r["entries"]) >= more for r in rs)
+                    sl[3] = more
 
     # -- objects ---------------------------------------------------------------------------
     async def _body_chunks(

@@ -96,7 +96,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--coordinator", required=True)
     ap.add_argument("--storage", required=True)
     ap.add_argument("--credentials", required=True, help="JSON file with access_key/secret_key")
-    ap.add_argument("--master-key", default=None, help="file with the key that encrypts tenant secrets")
+    ap.add_argument(
+        "--master-key", default=None, help="file with the key that encrypts tenant secrets"
+    )
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=9000)
     ap.add_argument("--log-file", default=None)

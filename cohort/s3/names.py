@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import time
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from email.utils import format_datetime, parsedate_to_datetime
@@ -81,8 +82,10 @@ def validate_bucket_name(name: str) -> None:
     if not 3 <= len(name) <= 63:
         raise bad("length must be 3-63")
     if not _BUCKET_RE.fullmatch(name):
-        raise bad("only lowercase letters, digits, '.' and '-', starting and ending "
-                  "with a letter or digit")
+        raise bad(
+            "only lowercase letters, digits, '.' and '-', starting and ending "
+            "with a letter or digit"
+        )
     if ".." in name or ".-" in name or "-." in name:
         raise bad("adjacent periods")
     if name.startswith(_BAD_PREFIXES):
@@ -144,9 +147,7 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
 
 
 def _unsatisfiable(header: str, size: int) -> S3Error:
-    err = S3Error(
-        "InvalidRange", extra={"RangeRequested": header, "ActualObjectSize": str(size)}
-    )
+    err = S3Error("InvalidRange", extra={"RangeRequested": header, "ActualObjectSize": str(size)})
     err.headers["Content-Range"] = f"bytes */{size}"
     return err
 
@@ -181,9 +182,12 @@ def parse_http_date(value: str | None) -> datetime | None:
 
 def format_iso8601(when: datetime | float) -> str:
     """``2024-01-02T03:04:05.678Z`` as S3 XML uses (milliseconds, UTC)."""
-    dt = datetime.fromtimestamp(when, UTC) if isinstance(when, int | float) else when
-    if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=UTC)
+    if isinstance(when, int | float):
+        # listings format thousands of these: time.strftime on a struct is cheapest
+        secs = int(when)
+        ms = min(999, int((when - secs) * 1000))
+        return time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(secs)) + f"{ms:03d}Z"
+    dt = when if when.tzinfo is not None else when.replace(tzinfo=UTC)
     dt = dt.astimezone(UTC)
     return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
 
@@ -354,8 +358,11 @@ def parse_int_param(
 def parse_part_number(value: str | None) -> int:
     """``partNumber`` for UploadPart: 1..10000, else InvalidArgument."""
     if value is None:
-        raise S3Error("InvalidArgument", "partNumber is required",
-                      extra={"ArgumentName": "partNumber", "ArgumentValue": ""})
+        raise S3Error(
+            "InvalidArgument",
+            "partNumber is required",
+            extra={"ArgumentName": "partNumber", "ArgumentValue": ""},
+        )
     return parse_int_param(value, "partNumber", default=0, minimum=1, maximum=10000, clamp=False)
 
 
@@ -417,8 +424,9 @@ def extract_user_metadata(headers: Mapping[str, str]) -> dict[str, str]:
     for k, v in meta.items():
         total += len(k) - len("x-amz-meta-") + len(v.encode("utf-8"))
     if total > MAX_USER_METADATA:
-        raise S3Error("MetadataTooLarge", extra={"Size": str(total),
-                                                 "MaxSizeAllowed": str(MAX_USER_METADATA)})
+        raise S3Error(
+            "MetadataTooLarge", extra={"Size": str(total), "MaxSizeAllowed": str(MAX_USER_METADATA)}
+        )
     return meta
 
 

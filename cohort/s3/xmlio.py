@@ -84,10 +84,14 @@ _CHECKSUM_ALGS: Final = ("CRC32", "CRC32C", "CRC64NVME", "SHA1", "SHA256")
 
 
 def _malformed(detail: str = "") -> S3Error:
-    return S3Error("MalformedXML") if not detail else S3Error(
-        "MalformedXML",
-        "The XML you provided was not well-formed or did not validate against our "
-        f"published schema ({detail})",
+    return (
+        S3Error("MalformedXML")
+        if not detail
+        else S3Error(
+            "MalformedXML",
+            "The XML you provided was not well-formed or did not validate against our "
+            f"published schema ({detail})",
+        )
     )
 
 
@@ -297,7 +301,7 @@ def render_list_buckets(
 @dataclass(frozen=True, slots=True)
 class ObjectInfo:
     key: str
-    last_modified: datetime
+    last_modified: datetime | float  # a float is seconds since the epoch (cheapest)
     etag: str
     size: int
     storage_class: str = "STANDARD"
@@ -329,19 +333,31 @@ class ListObjectsResult:
 
 
 def _contents(w: _W, objs: Sequence[ObjectInfo], enc: str | None, with_owner: bool) -> None:
+    # The hot loop of every listing (1000 entries a page): build each <Contents> with one
+    # f-string instead of a dozen writer calls; the output is identical.
+    parts = w.parts
     for o in objs:
-        w.open("Contents")
-        w.el("Key", _enc(o.key, enc))
-        w.el("LastModified", o.last_modified)
-        w.el("ETag", quote_etag(o.etag))
-        for alg in o.checksum_algorithms:
-            w.el("ChecksumAlgorithm", alg)
-        w.el("ChecksumType", o.checksum_type)
-        w.el("Size", o.size)
-        if with_owner:
-            _owner(w, o.owner)
-        w.el("StorageClass", o.storage_class)
-        w.close("Contents")
+        owner = ""
+        if with_owner and o.owner is not None:
+            name = (
+                f"<DisplayName>{xml_text(o.owner.display_name)}</DisplayName>"
+                if o.owner.display_name
+                else ""
+            )
+            owner = f"<Owner><ID>{xml_text(o.owner.id)}</ID>{name}</Owner>"
+        algs = "".join(
+            f"<ChecksumAlgorithm>{xml_text(a)}</ChecksumAlgorithm>" for a in o.checksum_algorithms
+        )
+        ctype = (
+            f"<ChecksumType>{xml_text(o.checksum_type)}</ChecksumType>" if o.checksum_type else ""
+        )
+        key = _enc(o.key, enc) or ""
+        parts.append(
+            f"<Contents><Key>{xml_text(key)}</Key>"
+            f"<LastModified>{format_iso8601(o.last_modified)}</LastModified>"
+            f"<ETag>{xml_text(quote_etag(o.etag))}</ETag>{algs}{ctype}<Size>{o.size}</Size>"
+            f"{owner}<StorageClass>{xml_text(o.storage_class)}</StorageClass></Contents>"
+        )
 
 
 def _common_prefixes(w: _W, prefixes: Sequence[str], enc: str | None) -> None:
@@ -588,9 +604,7 @@ def render_list_multipart_uploads(r: ListUploadsResult) -> bytes:
 def render_location_constraint(region: str | None) -> bytes:
     """``<LocationConstraint>``; empty for us-east-1 / no region, as S3 answers."""
     text = "" if region in (None, "", "us-east-1") else xml_text(region or "")
-    return (
-        f'{_DECL}<LocationConstraint xmlns="{S3_NS}">{text}</LocationConstraint>'
-    ).encode()
+    return (f'{_DECL}<LocationConstraint xmlns="{S3_NS}">{text}</LocationConstraint>').encode()
 
 
 def render_versioning(status: str | None, mfa_delete: str | None = None) -> bytes:

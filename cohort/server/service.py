@@ -24,17 +24,19 @@ import argparse
 import asyncio
 import contextlib
 import hashlib
+import heapq
 import logging
 import os
 import signal
 import time
 from collections import deque
+from collections.abc import Awaitable
 from typing import Any
 
 import msgspec
 
-from cohort.coord.base import Coordinator
 from cohort.coord import connect
+from cohort.coord.base import Coordinator
 from cohort.logs import setup_logging
 from cohort.metrics import InstrumentedStore, ServerMetrics, start_metrics_server
 from cohort.partitioning import partition_of
@@ -140,6 +142,7 @@ class Server:
             "obj.list",
             "bucket.count",
             "status",
+            "obj.import",
             "mpu.create",
             "mpu.part",
             "mpu.complete",
@@ -451,36 +454,61 @@ class Server:
         return {"existed": existed}
 
     async def rpc_obj_list(self, params: dict[str, Any]) -> dict[str, Any]:
+        """One merged, sorted page over the given partitions this server owns.
+
+        Entries are ``[key, size, etag, mtime]`` or ``[common_prefix]``; only what the page
+        needs is read from each partition (a lazy k-way merge).
+        """
         self.requests += 1
-        entries: list[tuple[str, Any]] = []
         not_owned: list[int] = []
         limit = int(params.get("limit", 1000))
+        iters = []
         for p in params["parts"]:
             try:
                 h = self._host_for(p)
             except RpcError:
                 not_owned.append(p)
                 continue
-            for key, meta in h.state.list(
-                params["b"],
-                params.get("prefix", ""),
-                params.get("delimiter", ""),
-                params.get("start_after", ""),
-                limit,
-            ):
-                entries.append((key, None if meta is None else meta_to_wire(meta)))
-        entries.sort(key=lambda e: e[0])
-        # merge duplicates of a common prefix found in several partitions
-        out: list[tuple[str, Any]] = []
-        for e in entries:
-            if out and out[-1][0] == e[0]:
-                continue
-            out.append(e)
+            iters.append(
+                h.state.iter_list(
+                    params["b"],
+                    params.get("prefix", ""),
+                    params.get("delimiter", ""),
+                    params.get("start_after", ""),
+                )
+            )
+        out: list[list[Any]] = []
+        last = None
+        for key, meta in heapq.merge(*iters, key=lambda e: e[0]):
+            if key == last:
+                continue  # the same common prefix from several partitions
+            last = key
+            out.append([key] if meta is None else [key, meta.size, meta.etag, meta.mtime])
             if len(out) >= limit:
                 break
         if not self.lease_valid():
             raise RpcError("NotOwner", "lease expired")
         return {"entries": out, "not_owned": not_owned}
+
+    async def rpc_obj_import(self, params: dict[str, Any]) -> dict[str, Any]:
+        """Bulk metadata import: ``items`` = ``[[key, meta], ...]`` for one bucket, committed
+        through the log like any PUT (group commit makes one segment per partition).  Keys
+        whose partition is not served here come back in ``not_owned``."""
+        by_part: dict[int, list[dict[str, Any]]] = {}
+        for key, meta in params["items"]:
+            p = partition_of(params["b"], key, self.partition_count)
+            by_part.setdefault(p, []).append({"op": "put", "b": params["b"], "k": key, "m": meta})
+        not_owned: list[str] = []
+        waits: list[Awaitable[None]] = []
+        for p, recs in by_part.items():
+            try:
+                h = self._host_for(p)
+            except RpcError:
+                not_owned.extend(r["k"] for r in recs)
+                continue
+            waits.extend(self._commit(h, r) for r in recs)
+        await asyncio.gather(*waits)
+        return {"not_owned": not_owned}
 
     async def rpc_bucket_count(self, params: dict[str, Any]) -> dict[str, Any]:
         total = 0
@@ -619,7 +647,11 @@ async def serve(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="cohort-server")
     ap.add_argument("--id", required=True)
-    ap.add_argument("--coordinator", required=True, help="host:port of the coordinator, or etcd://h1:p1,h2:p2[/ns]")
+    ap.add_argument(
+        "--coordinator",
+        required=True,
+        help="host:port of the coordinator, or etcd://h1:p1,h2:p2[/ns]",
+    )
     ap.add_argument("--storage", required=True, help="shared storage directory")
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=0)

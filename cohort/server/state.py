@@ -21,7 +21,9 @@ skipped (see :meth:`PartitionState.seen`).
 
 from __future__ import annotations
 
+import itertools
 from collections import OrderedDict
+from collections.abc import Iterator
 from typing import Any
 
 import msgspec
@@ -188,50 +190,56 @@ class PartitionState:
         start_after: str = "",
         limit: int = 1000,
     ) -> list[tuple[str, ObjectMeta | None]]:
-        """Up to ``limit`` entries after ``start_after`` in key order.
+        """Up to ``limit`` entries of :meth:`iter_list`."""
+        if limit <= 0:
+            return []
+        return list(
+            itertools.islice(self.iter_list(bucket_id, prefix, delimiter, start_after), limit)
+        )
+
+    def iter_list(
+        self, bucket_id: str, prefix: str = "", delimiter: str = "", start_after: str = ""
+    ) -> Iterator[tuple[str, ObjectMeta | None]]:
+        """Entries after ``start_after`` in key order, lazily (a merge of many partitions
+        pulls only what it uses).
 
         An entry is ``(key, meta)`` or, with a delimiter, ``(common_prefix, None)`` for the
-        first key that rolls up into that prefix (later keys under it are skipped).  If
-        ``start_after`` is itself a common prefix (it ends with the delimiter), keys under
-        it are skipped too, so a listing can resume after a prefix.
+        first key that rolls up into that prefix (later keys under it are skipped by a
+        seek, not a scan).  If ``start_after`` is itself a common prefix (it ends with the
+        delimiter), keys under it are skipped too, so a listing can resume after a prefix.
         """
         objs = self.buckets.get(bucket_id)
-        if objs is None or limit <= 0:
-            return []
-        out: list[tuple[str, ObjectMeta | None]] = []
+        if objs is None:
+            return
         lo = prefix
         if start_after >= lo:
             lo = start_after
             if delimiter and start_after.endswith(delimiter) and start_after.startswith(prefix):
                 end = _prefix_end(start_after)
                 if end is None:
-                    return []
+                    return
                 lo = end
         hi = _prefix_end(prefix) if prefix else None
-        keys = objs.keys()
-        i = objs.bisect_left(lo)
-        n = len(keys)
         plen = len(prefix)
-        while i < n and len(out) < limit:
-            key = keys[i]
-            if hi is not None and key >= hi:
-                break
-            if key == start_after:
-                i += 1
-                continue
-            if delimiter:
-                j = key.find(delimiter, plen)
-                if j >= 0:
-                    cp = key[: j + len(delimiter)]
-                    out.append((cp, None))
-                    end = _prefix_end(cp)
-                    if end is None:
-                        break
-                    i = objs.bisect_left(end)  # skip everything under this prefix
+        dlen = len(delimiter)
+        while True:
+            it = objs.irange(minimum=lo, maximum=hi, inclusive=(True, False))
+            for key in it:
+                if key == start_after:
                     continue
-            out.append((key, objs[key]))
-            i += 1
-        return out
+                if delimiter:
+                    j = key.find(delimiter, plen)
+                    if j >= 0:
+                        cp = key[: j + dlen]
+                        yield cp, None
+                        end = _prefix_end(cp)
+                        if end is None:
+                            return
+                        lo = end  # seek past everything under this prefix
+                        break
+                yield key, objs[key]
+            else:
+                return
 
     # -- checkpoints -----------------------------------------------------------------------
     def to_checkpoint(self) -> dict[str, Any]:

@@ -246,3 +246,56 @@ def test_errors_for_missing_things(s3: Any) -> None:
     with pytest.raises(ClientError) as e:
         s3.delete_bucket(Bucket="no-such-bucket-here")
     assert code_of(e.value) == "NoSuchBucket"
+
+
+def model_list(keys: list[str], prefix: str, delimiter: str, start_after: str) -> list[str]:
+    """S3's listing semantics, written out naively: the oracle for the cluster."""
+    out: list[str] = []
+    for k in sorted(keys):
+        if not k.startswith(prefix) or k <= start_after:
+            continue
+        if delimiter:
+            i = k.find(delimiter, len(prefix))
+            if i >= 0:
+                cp = k[: i + len(delimiter)]
+                if cp <= start_after or (out and out[-1] == cp):
+                    continue
+                out.append(cp)
+                continue
+        out.append(k)
+    return out
+
+
+def test_listing_matches_model_randomized(s3: Any) -> None:
+    import random
+
+    rng = random.Random(7)
+    s3.create_bucket(Bucket="rand")
+    alphabet = ["a", "b", "/", "c", "é"]
+    keys = sorted(
+        {"".join(rng.choice(alphabet) for _ in range(rng.randint(1, 6))) for _ in range(300)}
+    )
+    import concurrent.futures as cf
+
+    with cf.ThreadPoolExecutor(8) as ex:
+        list(ex.map(lambda k: s3.put_object(Bucket="rand", Key=k, Body=b""), keys))
+    for _ in range(25):
+        prefix = rng.choice(["", "a", "a/", "b", "/", "é"])
+        delimiter = rng.choice(["", "/", "b"])
+        page = rng.choice([1, 2, 7, 50, 1000])
+        want = model_list(keys, prefix, delimiter, "")
+        got: list[str] = []
+        kw: dict[str, Any] = {"Bucket": "rand", "Prefix": prefix, "MaxKeys": page}
+        if delimiter:
+            kw["Delimiter"] = delimiter
+        while True:
+            r = s3.list_objects_v2(**kw)
+            entries = [o["Key"] for o in r.get("Contents", [])] + [
+                p["Prefix"] for p in r.get("CommonPrefixes", [])
+            ]
+            assert len(entries) == r["KeyCount"] <= page
+            got.extend(sorted(entries))
+            if not r["IsTruncated"]:
+                break
+            kw["ContinuationToken"] = r["NextContinuationToken"]
+        assert got == want, (prefix, delimiter, page)
