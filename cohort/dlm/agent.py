@@ -913,8 +913,8 @@ class LockAgent:
 
     def _m_notmaster(self, src: str, msg: list[Any]) -> None:
         h = self.handles.get(msg[1])
-        if h is None:
-            return
+        if h is None or h.master != src:
+            return  # already re-homed (e.g. by recovery) since the request was sent
         if self.master_of.get(h.root) == src:
             del self.master_of[h.root]
         h.master = None
