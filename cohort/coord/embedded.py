@@ -56,16 +56,23 @@ class SqlitePersistence:
 
 
 class EmbeddedCoordinator:
-    def __init__(self, data_dir: Path, *, partitions: int = 256, lease_ttl: float = 2.5) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        partitions: int = 256,
+        lease_ttl: float = 2.5,
+        failback: str = "immediate",
+    ) -> None:
         data_dir.mkdir(parents=True, exist_ok=True)
         self.store = SqlitePersistence(data_dir / "coordinator.sqlite")
         snap = self.store.load()
         now = time.monotonic()
         if snap is None:
-            self.state = CoordinatorState(partitions, lease_ttl)
+            self.state = CoordinatorState(partitions, lease_ttl, failback)
             self.store.save(self.state.snapshot())
         else:
-            self.state = CoordinatorState.restore(snap, lease_ttl)
+            self.state = CoordinatorState.restore(snap, lease_ttl, failback)
             self.state.extend_all_leases(now)
             log.info("restored coordinator state (version %d)", self.state.version)
         self.persisted_version = self.state.version
@@ -214,7 +221,10 @@ class EmbeddedCoordinator:
 
 async def serve(args: argparse.Namespace) -> None:
     coord = EmbeddedCoordinator(
-        Path(args.data_dir), partitions=args.partitions, lease_ttl=args.lease_ttl
+        Path(args.data_dir),
+        partitions=args.partitions,
+        lease_ttl=args.lease_ttl,
+        failback=args.failback,
     )
     port = await coord.start(args.host, args.port)
     stop = asyncio.Event()
@@ -235,6 +245,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--port", type=int, default=0)
     ap.add_argument("--partitions", type=int, default=256)
     ap.add_argument("--lease-ttl", type=float, default=2.5)
+    ap.add_argument(
+        "--failback",
+        default="immediate",
+        help="when partitions leave standby servers: immediate, never, or a daily HH-HH window",
+    )
     ap.add_argument("--log-file", default=None)
     args = ap.parse_args(argv)
     setup_logging("coordinator", args.log_file)

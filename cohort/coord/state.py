@@ -24,11 +24,14 @@ Rules it enforces
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from typing import Any
 
 import msgspec
+
+_WINDOW = re.compile(r"^([01]?\d|2[0-3])-([01]?\d|2[0-4])$")
 
 
 class Member(msgspec.Struct):
@@ -51,6 +54,8 @@ class Partition(msgspec.Struct):
     # the member (id, incarnation) currently holding the partition lock, if any
     holder: str | None = None
     holder_incarnation: str | None = None
+    # the server that owned it before it failed over to a standby (for failback)
+    home: str | None = None
 
 
 class Bucket(msgspec.Struct):
@@ -74,7 +79,13 @@ class CoordinatorError(Exception):
 
 
 class CoordinatorState:
-    def __init__(self, partitions: int = 256, lease_ttl: float = 2.5) -> None:
+    def __init__(
+        self, partitions: int = 256, lease_ttl: float = 2.5, failback: str = "immediate"
+    ) -> None:
+        if failback not in ("immediate", "never") and not _WINDOW.match(failback):
+            raise ValueError(f"failback policy must be immediate, never or HH-HH, not {failback!r}")
+        self.failback = failback
+        self.clock = time.time  # wall clock for failback windows (injectable in tests)
         self.partition_count = partitions
         self.lease_ttl = lease_ttl
         self.members: dict[str, Member] = {}
@@ -148,8 +159,15 @@ class CoordinatorState:
             raise CoordinatorError("UnknownMember", f"no server named {member_id!r}")
         if m.state in ("dead", "left"):
             raise CoordinatorError("MemberDown", f"{member_id} is {m.state}")
+        if state in ("standby", "active"):
+            m.standby = state == "standby"
+            self._changed("standby" if m.standby else "active", member_id)
+            self.rebalance(now)
+            return m
         if state not in ("alive", "draining"):
-            raise CoordinatorError("InvalidState", f"unknown member state {state!r}")
+            raise CoordinatorError(
+                "InvalidState", f"unknown member state {state!r} (alive, draining, standby, active)"
+            )
         m.state = state
         self._changed("drain" if state == "draining" else "undrain", member_id)
         self.rebalance(now)
@@ -164,6 +182,7 @@ class CoordinatorState:
             if p.owner == m.id:
                 p.owner = None
                 p.epoch += 1
+                p.home = m.id
         self._changed("member-" + ("left" if why == "left" else "dead"), f"{m.id} ({why})")
 
     def tick(self, now: float) -> bool:
@@ -182,59 +201,90 @@ class CoordinatorState:
                 m.lease_expiry = now + self.lease_ttl
 
     # -- assignment --------------------------------------------------------------------------
-    def _eligible(self) -> list[Member]:
-        return [
-            m
-            for m in self.members.values()
-            if m.role == "server" and m.state == "alive" and not m.standby
-        ]
+    def _failback_allowed(self) -> bool:
+        """May partitions move from standbys back to active servers now?"""
+        if self.failback == "immediate":
+            return True
+        if self.failback == "never":
+            return False
+        # "HH-HH": a daily window in local time, as MSCS allows
+        start, _, end = self.failback.partition("-")
+        hour = time.localtime(self.clock()).tm_hour
+        lo, hi = int(start), int(end)
+        return lo <= hour < hi if lo <= hi else (hour >= lo or hour < hi)
 
     def rebalance(self, now: float) -> None:
-        servers = self._eligible()
-        if not servers:
-            standby = [
-                m
-                for m in self.members.values()
-                if m.role == "server" and m.state == "alive" and m.standby
-            ]
-            servers = standby
+        """Assign orphaned partitions and even out the load.
+
+        * A partition whose owner failed goes to a *standby* server if one is alive (N+1:
+          the standby takes over the failed server's share); otherwise, and for
+          partitions never assigned, to the least loaded active server.
+        * Partitions held by standbys move back to active servers when the failback
+          policy allows it (``immediate``, ``never``, or a daily ``HH-HH`` window).
+        * Active servers are evened out by weighted share, moving a partition only while
+          that strictly narrows the spread (so it terminates and never thrashes).
+        Every move bumps the partition's epoch; the old owner hands over gracefully.
+        """
+        servers = [m for m in self.members.values() if m.role == "server" and m.state == "alive"]
         if not servers:
             return
+        active = [m for m in servers if not m.standby]
+        standby = [m for m in servers if m.standby]
         live_ids = {m.id for m in servers}
         counts: dict[str, int] = {m.id: 0 for m in servers}
         cap = {m.id: max(m.capacity, 0.01) for m in servers}
-        orphans: list[int] = []
-        for i, p in enumerate(self.partitions):
+        for p in self.partitions:
             if p.owner in live_ids:
                 counts[p.owner] += 1
-            else:
-                orphans.append(i)
         moved = 0
-        for i in orphans:
-            target = min(counts, key=lambda s: (counts[s] / cap[s], s))
+
+        def assign(i: int, target: str) -> None:
+            nonlocal moved
             p = self.partitions[i]
+            if p.owner in counts:
+                counts[p.owner] -= 1
             p.owner = target
             p.epoch += 1
             counts[target] += 1
             moved += 1
-        # Even out: move from the most to the least loaded (by weighted share) while it helps.
-        total_cap = sum(cap.values())
-        share = {s: self.partition_count * cap[s] / total_cap for s in counts}
-        while len(counts) > 1:
-            hi = max(counts, key=lambda s: (counts[s] - share[s], s))
-            lo = min(counts, key=lambda s: (counts[s] - share[s], s))
-            # Move only while it strictly narrows the spread (so it terminates and never
-            # thrashes a partition back and forth).
+
+        def least_loaded(pool: list[Member]) -> str:
+            return min((m.id for m in pool), key=lambda s: (counts[s] / cap[s], s))
+
+        active_ids = {m.id for m in active}
+        for i, p in enumerate(self.partitions):
+            if p.owner in live_ids:
+                continue
+            failed_over = p.home is not None and p.owner is None  # its owner failed
+            if failed_over and standby:
+                assign(i, least_loaded(standby))  # keeps p.home for failback
+            else:
+                assign(i, least_loaded(active or standby))
+                p.home = None
+        standby_ids = {m.id for m in standby}
+        for i, p in enumerate(self.partitions):
+            # a standby carries only what failed over to it (e.g. a server just made standby)
+            if p.owner in standby_ids and p.home is None and active:
+                assign(i, least_loaded(active))
+        if standby and self._failback_allowed():
+            for i, p in enumerate(self.partitions):
+                if p.owner not in active_ids and p.home in active_ids:
+                    home = p.home
+                    assert home is not None
+                    assign(i, home)
+                    p.home = None
+        # Even out the active servers.
+        act = [m.id for m in active]
+        total_cap = sum(cap[s] for s in act)
+        owned_by_active = sum(counts[s] for s in act)
+        share = {s: owned_by_active * cap[s] / total_cap for s in act} if act else {}
+        while len(act) > 1:
+            hi = max(act, key=lambda s: (counts[s] - share[s], s))
+            lo = min(act, key=lambda s: (counts[s] - share[s], s))
             if (counts[hi] - share[hi]) - (counts[lo] - share[lo]) <= 1.0 + 1e-9:
                 break
             # move the highest-numbered partition of hi (deterministic)
-            idx = max(i for i, p in enumerate(self.partitions) if p.owner == hi)
-            p = self.partitions[idx]
-            p.owner = lo
-            p.epoch += 1
-            counts[hi] -= 1
-            counts[lo] += 1
-            moved += 1
+            assign(max(i for i, p in enumerate(self.partitions) if p.owner == hi), lo)
         if moved:
             self._changed("rebalance", f"{moved} partitions assigned")
 
@@ -321,8 +371,10 @@ class CoordinatorState:
         }
 
     @classmethod
-    def restore(cls, snap: dict[str, Any], lease_ttl: float) -> CoordinatorState:
-        s = cls(snap["partition_count"], lease_ttl)
+    def restore(
+        cls, snap: dict[str, Any], lease_ttl: float, failback: str = "immediate"
+    ) -> CoordinatorState:
+        s = cls(snap["partition_count"], lease_ttl, failback)
         s.cluster_id = snap["cluster_id"]
         s.version = snap["version"] + 1
         s.members = {m["id"]: msgspec.convert(m, Member) for m in snap["members"]}
