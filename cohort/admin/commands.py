@@ -576,10 +576,21 @@ def _owned(view: dict[str, Any], server: str) -> int:
     return sum(1 for p in view["partitions"] if p[0] == server or p[2] == server)
 
 
+def _not_yet_moved(view: dict[str, Any], server: str, moving: set[int]) -> int:
+    """Partitions still owned or locked by ``server``, plus those of ``moving`` that no
+    other server serves yet (its new owner has not taken the lock and replayed)."""
+    n = 0
+    for i, (owner, _, holder) in enumerate(view["partitions"]):
+        still_here = server in (owner, holder)
+        unserved = i in moving and (owner is None or holder != owner)
+        n += still_here or unserved
+    return n
+
+
 def _set_state(
     addr: str, server: str, state: str, wait: bool, timeout: float, as_json: bool
 ) -> None:
-    async def change() -> tuple[int, dict[str, Any]]:
+    async def change() -> tuple[set[int], dict[str, Any]]:
         async with Session(addr) as s:
             view = await s.view()
             m = require_server(view, server)
@@ -589,16 +600,20 @@ def _set_state(
                     "only live servers can be drained; a dead server's partitions have "
                     "already moved (see `cohort partitions`)",
                 )
-            before = _owned(view, server)
+            mine = {i for i, p in enumerate(view["partitions"]) if server in (p[0], p[2])}
             r = await s.call(f"set_state {state}", s.coord.set_state(server, state))
-            return before, r
+            return mine, r
 
-    before, _ = run(change())
+    moving, _ = run(change())
+    before = len(moving)
     t0 = time.monotonic()
 
     async def poll() -> int:
         async with Session(addr) as s:
-            return _owned(await s.view(), server)
+            view = await s.view()
+        if state == "draining":  # done once every partition is served elsewhere
+            return _not_yet_moved(view, server, moving)
+        return _owned(view, server)
 
     now = before
     done = True
@@ -673,7 +688,10 @@ def drain(
     timeout: Annotated[float, typer.Option(help="Seconds to wait.")] = 120.0,
     as_json: JsonOpt = False,
 ) -> None:
-    """Move every partition away from SERVER (checkpoint + lock hand-over, no data copied)."""
+    """Move every partition away from SERVER (checkpoint + lock hand-over, no data copied).
+
+    Waits until every one of its partitions is served by another server.
+    """
     _set_state(resolve(data_dir, coordinator), server, "draining", wait, timeout, as_json)
 
 
