@@ -102,7 +102,11 @@ class LocalCluster:
         extra_env: dict[str, str] | None = None,
         coordinator: str = "embedded",
         etcd_members: int = 1,
+        standby: int = 0,
+        failback: str = "immediate",
     ) -> None:
+        self.n_standby = standby
+        self.failback = failback
         self.data_dir = Path(data_dir).resolve()
         self.port = port
         self.n_servers = servers
@@ -185,6 +189,8 @@ class LocalCluster:
                 str(self.partitions),
                 "--lease-ttl",
                 str(self.lease_ttl),
+                "--failback",
+                self.failback,
             ],
         )
         self.procs[coord.id] = coord
@@ -194,12 +200,16 @@ class LocalCluster:
     def _start_members(self) -> LocalCluster:
         for i in range(1, self.n_servers + 1):
             self.add_server(f"server-{i}", write=False)
+        for i in range(1, self.n_standby + 1):
+            self.add_server(f"standby-{i}", write=False, standby=True)
         for i in range(1, self.n_directors + 1):
             self._add_director(f"director-{i}", self.port if i == 1 else 0)
         self.write_cluster_json()
         return self
 
-    def add_server(self, sid: str, *, write: bool = True, capacity: float = 1.0) -> Proc:
+    def add_server(
+        self, sid: str, *, write: bool = True, capacity: float = 1.0, standby: bool = False
+    ) -> Proc:
         proc = Proc(
             "server",
             sid,
@@ -215,6 +225,7 @@ class LocalCluster:
                 self.host,
                 "--capacity",
                 str(capacity),
+                *(["--standby"] if standby else []),
             ],
         )
         self.procs[sid] = proc

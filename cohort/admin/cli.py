@@ -57,6 +57,12 @@ def up(
     data_dir: DataDir = Path("./cohort-data"),
     port: Annotated[int, typer.Option(help="S3 endpoint port.")] = 9000,
     servers: Annotated[int, typer.Option(help="Number of middle-layer servers.")] = 3,
+    standby: Annotated[
+        int, typer.Option(help="Standby servers (N+1): take over a failed server's share.")
+    ] = 0,
+    failback: Annotated[
+        str, typer.Option(help="When partitions leave a standby: immediate, never, or HH-HH.")
+    ] = "immediate",
     partitions: Annotated[int, typer.Option(help="Virtual partitions (fixed at creation).")] = 256,
     lease_ttl: Annotated[float, typer.Option(help="Server lease, seconds.")] = 2.5,
     host: Annotated[str, typer.Option(help="Address every process binds.")] = "127.0.0.1",
@@ -65,7 +71,14 @@ def up(
     from cohort.cluster import LocalCluster
 
     cluster = LocalCluster(
-        data_dir, port=port, servers=servers, partitions=partitions, lease_ttl=lease_ttl, host=host
+        data_dir,
+        port=port,
+        servers=servers,
+        partitions=partitions,
+        lease_ttl=lease_ttl,
+        host=host,
+        standby=standby,
+        failback=failback,
     )
     try:
         cluster.start()
