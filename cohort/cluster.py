@@ -104,7 +104,12 @@ class LocalCluster:
         etcd_members: int = 1,
         standby: int = 0,
         failback: str = "immediate",
+        server_args: list[str] | None = None,
+        director_args: list[str] | None = None,
     ) -> None:
+        # extra command-line flags for every server / director (e.g. ``--domain``)
+        self.server_args = list(server_args or [])
+        self.director_args = list(director_args or [])
         self.n_standby = standby
         self.failback = failback
         self.data_dir = Path(data_dir).resolve()
@@ -226,6 +231,7 @@ class LocalCluster:
                 "--capacity",
                 str(capacity),
                 *(["--standby"] if standby else []),
+                *self.server_args,
             ],
         )
         self.procs[sid] = proc
@@ -254,6 +260,7 @@ class LocalCluster:
                 self.host,
                 "--port",
                 str(port),
+                *self.director_args,
             ],
         )
         self.procs[did] = proc

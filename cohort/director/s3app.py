@@ -35,7 +35,8 @@ from cohort.s3 import names, xmlio
 from cohort.s3.checksums import parse_checksum_headers
 from cohort.s3.chunked import AwsChunkedDecoder
 from cohort.s3.errors import ERROR_TABLE, S3Error
-from cohort.s3.sigv4 import AuthResult, has_auth, verify
+from cohort.s3.sigv2 import has_v2_auth, verify_v2
+from cohort.s3.sigv4 import UNSIGNED_PAYLOAD, AuthResult, has_auth, verify
 from cohort.server.state import ObjectMeta, meta_from_wire, meta_to_wire
 from cohort.storage.base import NotFound, Store
 from cohort.tenants import ADMIN_TENANT, KeyCache, TenantRegistry
@@ -77,8 +78,11 @@ class S3App:
         member_id: str = "director",
         keys: KeyCache | None = None,
         registry: TenantRegistry | None = None,
+        domains: list[str] | None = None,
     ) -> None:
         self.registry = registry
+        # base domains for virtual-hosted-style requests (``bucket.<domain>``)
+        self.domains = [d.strip().lower() for d in domains or [] if d.strip()]
         self.router = router
         self.store = store
         self.secret_for = keys.secret_for if keys is not None else credentials
@@ -133,16 +137,30 @@ class S3App:
         resource = request.path
         try:
             raw_path = request.raw_path.split("?", 1)[0]
-            bucket, key = split_path(urllib.parse.unquote(raw_path))
+            vhost = (
+                names.bucket_from_host(request.headers.get("Host"), self.domains)
+                if self.domains
+                else None
+            )
+            if vhost is not None:  # virtual-hosted style: the whole path is the key
+                bucket, key = vhost, urllib.parse.unquote(raw_path)[1:]
+            else:
+                bucket, key = split_path(urllib.parse.unquote(raw_path))
             query = dict(urllib.parse.parse_qsl(request.query_string, keep_blank_values=True))
             req = classify(request.method, bucket, key, query, request.headers)
             op = req.op
             request["op"] = op
-            if has_auth(
+            raw_query = request.raw_path.partition("?")[2]
+            v2 = has_v2_auth(raw_query, request.headers)
+            if v2 or has_auth(
                 urllib.parse.parse_qsl(request.query_string, keep_blank_values=True),
                 request.headers,
             ):
-                auth = self.authenticate(request, raw_path)
+                auth = (
+                    self.authenticate_v2(request, raw_path, vhost)
+                    if v2
+                    else self.authenticate(request, raw_path)
+                )
                 request["auth"] = auth
                 tenant = self.keys.tenant_of(auth.access_key) if self.keys else None
                 request["tenant"] = tenant or ADMIN_TENANT
@@ -192,6 +210,28 @@ class S3App:
         query = urllib.parse.parse_qsl(request.query_string, keep_blank_values=True)
         return verify(
             request.method, raw_path, query, request.headers, self.secret_for, region=self.region
+        )
+
+    def authenticate_v2(self, request: web.Request, raw_path: str, vhost: str | None) -> AuthResult:
+        """Signature V2 (header or presigned query); the body is then unsigned, as in V2."""
+        r = verify_v2(
+            request.method,
+            raw_path,
+            request.raw_path.partition("?")[2],
+            request.headers,
+            self.secret_for,
+            bucket=vhost,
+        )
+        return AuthResult(
+            access_key=r.access_key,
+            signing_key=b"",
+            scope="",
+            timestamp="",
+            seed_signature="",
+            payload_mode=UNSIGNED_PAYLOAD,
+            region=self.region,
+            signed_headers=(),
+            presigned=r.presigned,
         )
 
     # -- helpers ---------------------------------------------------------------------------

@@ -61,7 +61,15 @@ async def serve(args: argparse.Namespace) -> None:
     master = Path(args.master_key).read_bytes().strip() if args.master_key else None
     key_cache = KeyCache(store, master, bootstrap=keys)
     registry = TenantRegistry(store, master) if master else None
-    s3 = S3App(router, store, keys.get, member_id=args.id, keys=key_cache, registry=registry)
+    s3 = S3App(
+        router,
+        store,
+        keys.get,
+        member_id=args.id,
+        keys=key_cache,
+        registry=registry,
+        domains=args.domain,
+    )
     metrics = DirectorMetrics(args.id)
     metrics.watch_router(router)
     s3.on_request = metrics.observe
@@ -101,6 +109,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=9000)
+    ap.add_argument(
+        "--domain",
+        action="append",
+        default=[],
+        help="base domain for virtual-hosted-style requests (bucket.DOMAIN); repeatable",
+    )
     ap.add_argument("--log-file", default=None)
     args = ap.parse_args(argv)
     setup_logging(args.id, args.log_file)

@@ -1,0 +1,179 @@
+"""Issue 5 polish against a real cluster: Signature V2, virtual-hosted-style addressing,
+canned ACL sub-resources, GET/HEAD by part number, the background cleaner (expired
+uploads, orphan blobs) and bucket-deletion races."""
+
+from __future__ import annotations
+
+import socket
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import boto3
+import pytest
+import requests
+from botocore.config import Config
+
+from cohort.cluster import LocalCluster
+from cohort.s3.sigv2 import presign_url_v2, sign_request_v2
+from tests.conftest import s3_client, start_cluster
+
+DOMAIN = "cohort.test"
+
+
+@pytest.fixture(scope="module")
+def pc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    c = start_cluster(
+        tmp_path_factory.mktemp("polish"),
+        director_args=["--domain", DOMAIN],
+    )
+    yield c
+    c.stop()
+
+
+@pytest.fixture(scope="module")
+def s3(pc: LocalCluster) -> Any:
+    return s3_client(pc)
+
+
+def _bucket(s3: Any) -> str:
+    name = "p" + uuid.uuid4().hex[:12]
+    s3.create_bucket(Bucket=name)
+    return name
+
+
+def _port(pc: LocalCluster) -> int:
+    return int(pc.s3_endpoint.rpartition(":")[2])
+
+
+# -- Signature V2 ------------------------------------------------------------------------
+def _v2_client(pc: LocalCluster, **s3cfg: Any) -> Any:
+    return boto3.client(
+        "s3",
+        endpoint_url=pc.s3_endpoint,
+        aws_access_key_id=pc.creds["access_key"],
+        aws_secret_access_key=pc.creds["secret_key"],
+        region_name="us-east-1",
+        config=Config(signature_version="s3", s3={"addressing_style": "path", **s3cfg}),
+    )
+
+
+def test_sigv2_boto3_round_trip(pc: LocalCluster, s3: Any) -> None:
+    v2 = _v2_client(pc)
+    b = "v2" + uuid.uuid4().hex[:10]
+    v2.create_bucket(Bucket=b)
+    v2.put_object(Bucket=b, Key="dir/hello world+.txt", Body=b"hi v2", Metadata={"a": "1"})
+    got = v2.get_object(Bucket=b, Key="dir/hello world+.txt")
+    assert got["Body"].read() == b"hi v2" and got["Metadata"] == {"a": "1"}
+    keys = [o["Key"] for o in v2.list_objects_v2(Bucket=b)["Contents"]]
+    assert keys == ["dir/hello world+.txt"]
+    # multipart upload signs uploadId / partNumber sub-resources
+    up = v2.create_multipart_upload(Bucket=b, Key="mp")
+    e = v2.upload_part(Bucket=b, Key="mp", UploadId=up["UploadId"], PartNumber=1, Body=b"x")
+    v2.complete_multipart_upload(
+        Bucket=b,
+        Key="mp",
+        UploadId=up["UploadId"],
+        MultipartUpload={"Parts": [{"PartNumber": 1, "ETag": e["ETag"]}]},
+    )
+    assert v2.get_object(Bucket=b, Key="mp")["Body"].read() == b"x"
+    # a V2 presigned URL fetched with plain HTTP
+    url = v2.generate_presigned_url(
+        "get_object", Params={"Bucket": b, "Key": "dir/hello world+.txt"}, ExpiresIn=60
+    )
+    assert "AWSAccessKeyId=" in url and "Signature=" in url
+    r = requests.get(url, timeout=10)
+    assert r.status_code == 200 and r.content == b"hi v2"
+    # wrong secret: SignatureDoesNotMatch
+    bad = boto3.client(
+        "s3",
+        endpoint_url=pc.s3_endpoint,
+        aws_access_key_id=pc.creds["access_key"],
+        aws_secret_access_key="wrong",
+        region_name="us-east-1",
+        config=Config(signature_version="s3", s3={"addressing_style": "path"}),
+    )
+    with pytest.raises(Exception) as ei:
+        bad.head_bucket(Bucket=b)
+    assert "403" in str(ei.value)
+
+
+def test_sigv2_presigned_expired_and_tampered(pc: LocalCluster, s3: Any) -> None:
+    b = _bucket(s3)
+    s3.put_object(Bucket=b, Key="k", Body=b"data")
+    ak, sk = pc.creds["access_key"], pc.creds["secret_key"]
+    url = presign_url_v2("GET", f"/{b}/k", ak, sk, expires=int(time.time()) + 60)
+    r = requests.get(pc.s3_endpoint + url, timeout=10)
+    assert r.status_code == 200 and r.content == b"data"
+    old = presign_url_v2("GET", f"/{b}/k", ak, sk, expires=int(time.time()) - 5)
+    r = requests.get(pc.s3_endpoint + old, timeout=10)
+    assert r.status_code == 403 and b"<Code>AccessDenied</Code>" in r.content
+    assert b"expired" in r.content
+    r = requests.get(pc.s3_endpoint + url.replace("/k?", "/other?"), timeout=10)
+    assert r.status_code == 403 and b"SignatureDoesNotMatch" in r.content
+    # header form by hand
+    hdrs = sign_request_v2("GET", f"/{b}/k", "", {}, ak, sk)
+    r = requests.get(f"{pc.s3_endpoint}/{b}/k", headers=hdrs, timeout=10)
+    assert r.status_code == 200 and r.content == b"data"
+    hdrs = sign_request_v2("GET", f"/{b}/k", "", {}, "NOSUCHKEY", sk)
+    r = requests.get(f"{pc.s3_endpoint}/{b}/k", headers=hdrs, timeout=10)
+    assert r.status_code == 403 and b"InvalidAccessKeyId" in r.content
+
+
+# -- virtual-hosted style ----------------------------------------------------------------
+def test_virtual_hosted_raw_http(pc: LocalCluster, s3: Any) -> None:
+    b = _bucket(s3)
+    ak, sk = pc.creds["access_key"], pc.creds["secret_key"]
+    host = f"{b}.{DOMAIN}:{_port(pc)}"
+    hdrs = {"Host": host, "Content-Type": "text/plain"}
+    hdrs.update(sign_request_v2("PUT", "/a/b.txt", "", hdrs, ak, sk, bucket=b))
+    r = requests.put(f"{pc.s3_endpoint}/a/b.txt", data=b"vh", headers=hdrs, timeout=10)
+    assert r.status_code == 200, r.text
+    # visible path-style
+    assert s3.get_object(Bucket=b, Key="a/b.txt")["Body"].read() == b"vh"
+    hdrs = {"Host": host}
+    hdrs.update(sign_request_v2("GET", "/", "", hdrs, ak, sk, bucket=b))
+    r = requests.get(f"{pc.s3_endpoint}/", headers=hdrs, timeout=10)
+    assert r.status_code == 200 and b"<Key>a/b.txt</Key>" in r.content
+    # the base domain itself is path style
+    hdrs = {"Host": f"{DOMAIN}:{_port(pc)}"}
+    hdrs.update(sign_request_v2("GET", f"/{b}/a/b.txt", "", hdrs, ak, sk))
+    r = requests.get(f"{pc.s3_endpoint}/{b}/a/b.txt", headers=hdrs, timeout=10)
+    assert r.status_code == 200 and r.content == b"vh"
+
+
+@pytest.fixture
+def resolve_domain(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Resolve DOMAIN and every name under it to 127.0.0.1, in this process only."""
+    real = socket.getaddrinfo
+
+    def fake(host: Any, *a: Any, **kw: Any) -> Any:
+        if isinstance(host, str) and (host == DOMAIN or host.endswith("." + DOMAIN)):
+            host = "127.0.0.1"
+        return real(host, *a, **kw)
+
+    monkeypatch.setattr(socket, "getaddrinfo", fake)
+
+
+@pytest.mark.usefixtures("resolve_domain")
+@pytest.mark.parametrize("sig", ["s3v4", "s3"])
+def test_virtual_hosted_boto3(pc: LocalCluster, s3: Any, sig: str) -> None:
+    b = _bucket(s3)
+    vh = boto3.client(
+        "s3",
+        endpoint_url=f"http://{DOMAIN}:{_port(pc)}",
+        aws_access_key_id=pc.creds["access_key"],
+        aws_secret_access_key=pc.creds["secret_key"],
+        region_name="us-east-1",
+        config=Config(signature_version=sig, s3={"addressing_style": "virtual"}),
+    )
+    seen: list[str] = []
+    vh.meta.events.register("before-send.s3", lambda request, **kw: seen.append(request.url))
+    vh.put_object(Bucket=b, Key="x/y z.txt", Body=b"virtual")
+    assert seen and seen[-1].startswith(f"http://{b}.{DOMAIN}:")
+    assert vh.get_object(Bucket=b, Key="x/y z.txt")["Body"].read() == b"virtual"
+    assert [o["Key"] for o in vh.list_objects_v2(Bucket=b)["Contents"]] == ["x/y z.txt"]
+    vh.head_bucket(Bucket=b)
+    vh.delete_object(Bucket=b, Key="x/y z.txt")
+    assert s3.list_objects_v2(Bucket=b)["KeyCount"] == 0
