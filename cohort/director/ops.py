@@ -16,7 +16,6 @@ from cohort.s3.errors import S3Error
 
 # Bucket sub-resources we know about but have not built: answer NotImplemented, not 404.
 _UNSUPPORTED_BUCKET = {
-    "acl",
     "policy",
     "cors",
     "lifecycle",
@@ -39,7 +38,6 @@ _UNSUPPORTED_BUCKET = {
     "versions",
 }
 _UNSUPPORTED_OBJECT = {
-    "acl",
     "tagging",
     "retention",
     "legal-hold",
@@ -81,6 +79,14 @@ def classify(
                 raise S3Error(
                     "NotImplemented", f"Bucket sub-resource '{sub}' is not implemented by Cohort."
                 )
+        if "acl" in q:
+            if m == "GET":
+                return S3Request("GetBucketAcl", bucket, "")
+            if m == "PUT":
+                return S3Request("PutBucketAcl", bucket, "")
+            raise S3Error(
+                "MethodNotAllowed", "The specified method is not allowed against this resource."
+            )
         if m == "PUT":
             if "versioning" in q:
                 raise S3Error("NotImplemented", "Bucket versioning is not implemented by Cohort.")
@@ -113,6 +119,14 @@ def classify(
             raise S3Error(
                 "NotImplemented", f"Object sub-resource '{sub}' is not implemented by Cohort."
             )
+    if "acl" in q:
+        if m == "GET":
+            return S3Request("GetObjectAcl", bucket, key)
+        if m == "PUT":
+            return S3Request("PutObjectAcl", bucket, key)
+        raise S3Error(
+            "MethodNotAllowed", "The specified method is not allowed against this resource."
+        )
     if m == "PUT":
         if "uploadId" in q or "partNumber" in q:
             if "x-amz-copy-source" in headers:

@@ -120,6 +120,10 @@ class S3App:
             "AbortMultipartUpload": self.abort_multipart,
             "ListParts": self.list_parts,
             "ListMultipartUploads": self.list_uploads,
+            "GetBucketAcl": self.get_bucket_acl,
+            "PutBucketAcl": self.put_bucket_acl,
+            "GetObjectAcl": self.get_object_acl,
+            "PutObjectAcl": self.put_object_acl,
         }
 
     # -- the shell -------------------------------------------------------------------------
@@ -348,6 +352,75 @@ class S3App:
             ),
             content_type="application/xml",
         )
+
+    # -- canned ACLs (?acl) ------------------------------------------------------------------
+    def _bucket_owner(self, bucket: str) -> xmlio.Owner:
+        b = self.router.buckets.get(bucket) or {}
+        tenant = str(b.get("tenant", ADMIN_TENANT))
+        return xmlio.Owner(tenant, tenant)
+
+    async def _requested_acl(self, request: web.Request, owner: xmlio.Owner) -> str:
+        """The canned ACL a PUT ?acl asks for: the ``x-amz-acl`` header or an
+        AccessControlPolicy body equivalent to private / public-read."""
+        if any(h.lower().startswith("x-amz-grant-") for h in request.headers):
+            raise S3Error("NotImplemented", "Cohort supports only canned ACLs (x-amz-acl).")
+        body = await request.read()
+        acl = self._canned_acl(request)
+        if acl is not None:
+            if body.strip():
+                raise S3Error(
+                    "UnexpectedContent", "This request does not support content", status=400
+                )
+            return acl
+        if not body.strip():
+            raise S3Error(
+                "MissingSecurityHeader",
+                "Your request was missing a required header",
+                extra={"MissingHeaderName": "x-amz-acl"},
+            )
+        return xmlio.parse_access_control_policy(body, owner.id)
+
+    async def get_bucket_acl(self, request: web.Request, bucket: str, key: str) -> web.Response:
+        await self.bucket_id(bucket, request)
+        acl = self.keys.bucket_acl(bucket) if self.keys is not None else None
+        body = xmlio.render_access_control_policy(self._bucket_owner(bucket), acl)
+        return web.Response(body=body, content_type="application/xml")
+
+    async def put_bucket_acl(self, request: web.Request, bucket: str, key: str) -> web.Response:
+        await self.bucket_id(bucket, request)
+        acl = await self._requested_acl(request, self._bucket_owner(bucket))
+        if self.registry is None:
+            if acl == "private":
+                return web.Response()
+            raise S3Error("NotImplemented", "Bucket ACLs need the cluster's master key.")
+        await self.registry.set_bucket_acl(bucket, acl)
+        return web.Response()
+
+    async def get_object_acl(self, request: web.Request, bucket: str, key: str) -> web.Response:
+        names.validate_key(key)
+        _, _, meta = await self._lookup(bucket, key, request)
+        body = xmlio.render_access_control_policy(
+            self._bucket_owner(bucket), meta.headers.get("x-amz-acl")
+        )
+        return web.Response(body=body, content_type="application/xml")
+
+    async def put_object_acl(self, request: web.Request, bucket: str, key: str) -> web.Response:
+        names.validate_key(key)
+        bid = await self.bucket_id(bucket, request)
+        acl = await self._requested_acl(request, self._bucket_owner(bucket))
+        try:
+            await self.call(
+                self.partition(bid, key),
+                "obj.set_acl",
+                {"b": bid, "k": key, "acl": acl, "rid": uuid.uuid4().hex},
+            )
+        except S3Error as e:
+            if e.code == "NoSuchKey":
+                raise S3Error(
+                    "NoSuchKey", resource=f"/{bucket}/{key}", extra={"Key": key}
+                ) from None
+            raise
+        return web.Response()
 
     async def get_bucket_versioning(
         self, request: web.Request, bucket: str, key: str

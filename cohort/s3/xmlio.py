@@ -613,3 +613,58 @@ def render_versioning(status: str | None, mfa_delete: str | None = None) -> byte
     w.el("Status", status)
     w.el("MfaDelete", mfa_delete)
     return w.done()
+
+
+# --------------------------------------------------------------------------- ACLs
+
+ALL_USERS: Final = "http://acs.amazonaws.com/groups/global/AllUsers"
+_XSI: Final = "http://www.w3.org/2001/XMLSchema-instance"
+
+
+def render_access_control_policy(owner: Owner, canned: str | None) -> bytes:
+    """The AccessControlPolicy a canned ACL stands for: the owner has FULL_CONTROL, and
+    ``public-read`` adds READ for the AllUsers group."""
+    w = _W("AccessControlPolicy")
+    _owner(w, owner)
+    w.open("AccessControlList")
+    w.parts.append(f'<Grant><Grantee xmlns:xsi="{_XSI}" xsi:type="CanonicalUser">')
+    w.el("ID", owner.id)
+    if owner.display_name:
+        w.el("DisplayName", owner.display_name)
+    w.parts.append("</Grantee><Permission>FULL_CONTROL</Permission></Grant>")
+    if canned == "public-read":
+        w.parts.append(f'<Grant><Grantee xmlns:xsi="{_XSI}" xsi:type="Group">')
+        w.el("URI", ALL_USERS)
+        w.parts.append("</Grantee><Permission>READ</Permission></Grant>")
+    w.close("AccessControlList")
+    return w.done()
+
+
+def parse_access_control_policy(body: bytes, owner_id: str) -> str:
+    """The canned ACL an AccessControlPolicy document amounts to: ``private`` (only the
+    owner's FULL_CONTROL) or ``public-read`` (plus READ for AllUsers).  Other grants
+    raise NotImplemented: Cohort stores canned ACLs only."""
+    root = _parse(body, "AccessControlPolicy")
+    acl = _children(root, "AccessControlList")
+    if len(acl) != 1:
+        raise _malformed("expected one <AccessControlList>")
+    public = False
+    for grant in _children(acl[0], "Grant"):
+        grantees = _children(grant, "Grantee")
+        perm = (_child_text(grant, "Permission") or "").strip()
+        if len(grantees) != 1 or not perm:
+            raise _malformed("<Grant> needs a <Grantee> and a <Permission>")
+        g = grantees[0]
+        uri = (_child_text(g, "URI") or "").strip()
+        gid = (_child_text(g, "ID") or "").strip()
+        if uri == ALL_USERS and perm == "READ":
+            public = True
+        elif gid and gid == owner_id and perm == "FULL_CONTROL":
+            continue
+        else:
+            raise S3Error(
+                "NotImplemented",
+                "Cohort supports only the canned ACLs private and public-read "
+                "(owner FULL_CONTROL, optionally AllUsers READ).",
+            )
+    return "public-read" if public else "private"

@@ -139,6 +139,7 @@ class Server:
             "obj.put",
             "obj.get",
             "obj.delete",
+            "obj.set_acl",
             "obj.list",
             "bucket.count",
             "status",
@@ -452,6 +453,26 @@ class Server:
                 h, {"op": "del", "b": params["b"], "k": params["k"], "rid": params.get("rid")}
             )
         return {"existed": existed}
+
+    async def rpc_obj_set_acl(self, params: dict[str, Any]) -> dict[str, Any]:
+        """PutObjectAcl: rewrite the object's canned ACL through the log (an ``acl`` record
+        changes only its metadata, in log order with every other write of the key)."""
+        self.requests += 1
+        h = self._host_for(self._partition(params))
+        h.ops += 1
+        if h.state.get(params["b"], params["k"]) is None and not h.state.seen(params.get("rid")):
+            raise RpcError("NoSuchKey", "The specified key does not exist.")
+        await self._commit(
+            h,
+            {
+                "op": "acl",
+                "b": params["b"],
+                "k": params["k"],
+                "acl": params.get("acl"),
+                "rid": params.get("rid"),
+            },
+        )
+        return {}
 
     async def rpc_obj_list(self, params: dict[str, Any]) -> dict[str, Any]:
         """One merged, sorted page over the given partitions this server owns.

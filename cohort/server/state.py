@@ -14,6 +14,7 @@ Records (msgpack maps)::
     {"op": "mpu_part", "b", "u", "n": part_number, "p": Part}
     {"op": "mpu_complete", "b", "k", "u", "m": final ObjectMeta}   # uses the listed parts
     {"op": "mpu_abort", "b", "u"}
+    {"op": "acl", "b", "k", "acl": canned ACL or None, "rid"}  # rewrite the object's ACL
 
 ``rid`` makes a retried request idempotent: a record whose ``rid`` was already applied is
 skipped (see :meth:`PartitionState.seen`).
@@ -144,6 +145,14 @@ class PartitionState:
                     freed.extend(m.blobs())
             for up in self.uploads.pop(rec["b"], {}).values():
                 freed.extend(p.blob for p in up.parts.values() if p.blob)
+        elif op == "acl":
+            objs = self.buckets.get(rec["b"])
+            cur = None if objs is None else objs.get(rec["k"])
+            if objs is not None and cur is not None:
+                headers = {k: v for k, v in cur.headers.items() if k != "x-amz-acl"}
+                if rec.get("acl") not in (None, "private"):
+                    headers["x-amz-acl"] = rec["acl"]
+                objs[rec["k"]] = msgspec.structs.replace(cur, headers=headers)
         elif op == "mpu_create":
             self.uploads.setdefault(rec["b"], {})[rec["u"]] = Upload(
                 key=rec["k"], initiated=float(rec["t"]), meta=meta_from_wire(rec["m"]), parts={}

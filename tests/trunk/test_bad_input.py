@@ -117,7 +117,7 @@ def test_payload_hash_mismatch(cluster: LocalCluster, s3: Any, bucket: str) -> N
 
 
 def test_unknown_operations(cluster: LocalCluster, s3: Any, bucket: str) -> None:
-    r = signed(cluster, "GET", "/bad?acl")
+    r = signed(cluster, "GET", "/bad?policy")
     assert r.status_code == 501 and error_code(r) == "NotImplemented"
     r = signed(cluster, "PATCH", "/bad/precious")
     assert r.status_code == 405 and error_code(r) == "MethodNotAllowed"

@@ -177,3 +177,82 @@ def test_virtual_hosted_boto3(pc: LocalCluster, s3: Any, sig: str) -> None:
     vh.head_bucket(Bucket=b)
     vh.delete_object(Bucket=b, Key="x/y z.txt")
     assert s3.list_objects_v2(Bucket=b)["KeyCount"] == 0
+
+
+# -- canned ACLs ---------------------------------------------------------------------------
+ALL_USERS = "http://acs.amazonaws.com/groups/global/AllUsers"
+
+
+def _grants(acl: dict[str, Any]) -> set[tuple[str, str]]:
+    return {
+        (g["Grantee"].get("URI") or g["Grantee"].get("ID", ""), g["Permission"])
+        for g in acl["Grants"]
+    }
+
+
+def test_object_acl(pc: LocalCluster, s3: Any) -> None:
+    b = _bucket(s3)
+    s3.put_object(Bucket=b, Key="o", Body=b"body", Metadata={"m": "v"})
+    etag = s3.head_object(Bucket=b, Key="o")["ETag"]
+    url = f"{pc.s3_endpoint}/{b}/o"
+    acl = s3.get_object_acl(Bucket=b, Key="o")
+    assert acl["Owner"]["ID"] == "default"
+    assert _grants(acl) == {("default", "FULL_CONTROL")}
+    assert requests.get(url, timeout=10).status_code == 403
+    s3.put_object_acl(Bucket=b, Key="o", ACL="public-read")
+    assert _grants(s3.get_object_acl(Bucket=b, Key="o")) == {
+        ("default", "FULL_CONTROL"),
+        (ALL_USERS, "READ"),
+    }
+    r = requests.get(url, timeout=10)
+    assert r.status_code == 200 and r.content == b"body"
+    # the ACL change rewrote metadata only: same body, ETag, user metadata
+    h = s3.head_object(Bucket=b, Key="o")
+    assert h["ETag"] == etag and h["Metadata"] == {"m": "v"}
+    s3.put_object_acl(Bucket=b, Key="o", ACL="private")
+    assert _grants(s3.get_object_acl(Bucket=b, Key="o")) == {("default", "FULL_CONTROL")}
+    assert requests.get(url, timeout=10).status_code == 403
+    # an AccessControlPolicy body works too
+    s3.put_object_acl(
+        Bucket=b,
+        Key="o",
+        AccessControlPolicy={
+            "Owner": {"ID": "default"},
+            "Grants": [
+                {
+                    "Grantee": {"Type": "CanonicalUser", "ID": "default"},
+                    "Permission": "FULL_CONTROL",
+                },
+                {"Grantee": {"Type": "Group", "URI": ALL_USERS}, "Permission": "READ"},
+            ],
+        },
+    )
+    assert requests.get(url, timeout=10).status_code == 200
+    # public-read set at upload time shows in GET ?acl
+    s3.put_object(Bucket=b, Key="p", Body=b"x", ACL="public-read")
+    assert (ALL_USERS, "READ") in _grants(s3.get_object_acl(Bucket=b, Key="p"))
+    with pytest.raises(s3.exceptions.NoSuchKey):
+        s3.get_object_acl(Bucket=b, Key="missing")
+    with pytest.raises(s3.exceptions.NoSuchKey):
+        s3.put_object_acl(Bucket=b, Key="missing", ACL="public-read")
+    with pytest.raises(Exception) as ei:
+        s3.put_object_acl(Bucket=b, Key="o", ACL="authenticated-read")
+    assert "NotImplemented" in str(ei.value)
+
+
+def test_bucket_acl(pc: LocalCluster, s3: Any) -> None:
+    b = _bucket(s3)
+    s3.put_object(Bucket=b, Key="k", Body=b"v")
+    assert _grants(s3.get_bucket_acl(Bucket=b)) == {("default", "FULL_CONTROL")}
+    assert requests.get(f"{pc.s3_endpoint}/{b}?list-type=2", timeout=10).status_code == 403
+    s3.put_bucket_acl(Bucket=b, ACL="public-read")
+    assert (ALL_USERS, "READ") in _grants(s3.get_bucket_acl(Bucket=b))
+    r = requests.get(f"{pc.s3_endpoint}/{b}?list-type=2", timeout=10)
+    assert r.status_code == 200 and b"<Key>k</Key>" in r.content
+    assert requests.get(f"{pc.s3_endpoint}/{b}/k", timeout=10).content == b"v"
+    # anonymous callers still cannot read or change the ACL itself
+    assert requests.get(f"{pc.s3_endpoint}/{b}?acl", timeout=10).status_code == 403
+    assert requests.put(f"{pc.s3_endpoint}/{b}?acl", timeout=10).status_code == 403
+    s3.put_bucket_acl(Bucket=b, ACL="private")
+    assert _grants(s3.get_bucket_acl(Bucket=b)) == {("default", "FULL_CONTROL")}
+    assert requests.get(f"{pc.s3_endpoint}/{b}?list-type=2", timeout=10).status_code == 403
