@@ -716,7 +716,25 @@ class S3App:
         start, end = 0, meta.size - 1
         status = 200
         rng = request.headers.get("Range")
-        if rng is not None:
+        if meta.parts:
+            headers["x-amz-mp-parts-count"] = str(meta.parts)
+        part_number = request.query.get("partNumber")
+        if part_number is not None:
+            if rng is not None:
+                raise S3Error(
+                    "InvalidRequest",
+                    "Cannot specify both Range header and partNumber query parameter",
+                )
+            span = self._part_span(meta, names.parse_part_number(part_number))
+            if span is None:
+                raise S3Error(
+                    "InvalidPartNumber", "The requested partnumber is not satisfiable", status=416
+                )
+            start, end = span
+            if meta.size:
+                status = 206
+                headers["Content-Range"] = f"bytes {start}-{end}/{meta.size}"
+        elif rng is not None:
             parsed = names.parse_range(rng, meta.size)
             if parsed is not None:
                 start, end = parsed
@@ -747,6 +765,23 @@ class S3App:
             await resp.write(data)
         await resp.write_eof()
         return resp
+
+    @staticmethod
+    def _part_span(meta: ObjectMeta, n: int) -> tuple[int, int] | None:
+        """Byte range (inclusive) of part ``n`` of an object, or None past its last part.
+
+        An object that was not uploaded in parts has one part, itself.  Segments omit
+        empty parts, and only the last part may be empty (every other is >= 5 MiB)."""
+        if not meta.parts:
+            return (0, meta.size - 1) if n == 1 else None
+        if n > meta.parts:
+            return None
+        offset = 0
+        for i, (_blob, size) in enumerate(meta.segments, 1):
+            if i == n:
+                return offset, offset + size - 1
+            offset += size
+        return offset, offset - 1  # an empty last part
 
     async def read_body(self, meta: ObjectMeta, start: int, length: int) -> AsyncIterator[bytes]:
         """``length`` bytes of an object's body from offset ``start`` (across the segments

@@ -256,3 +256,50 @@ def test_bucket_acl(pc: LocalCluster, s3: Any) -> None:
     s3.put_bucket_acl(Bucket=b, ACL="private")
     assert _grants(s3.get_bucket_acl(Bucket=b)) == {("default", "FULL_CONTROL")}
     assert requests.get(f"{pc.s3_endpoint}/{b}?list-type=2", timeout=10).status_code == 403
+
+
+# -- GET/HEAD by part number ---------------------------------------------------------------
+def test_get_and_head_by_part_number(pc: LocalCluster, s3: Any) -> None:
+    from botocore.exceptions import ClientError
+
+    b = _bucket(s3)
+    p1, p2, p3 = b"a" * (5 << 20), b"b" * (5 << 20), b"tail"
+    up = s3.create_multipart_upload(Bucket=b, Key="mp")
+    parts = []
+    for n, data in enumerate((p1, p2, p3), 1):
+        e = s3.upload_part(Bucket=b, Key="mp", UploadId=up["UploadId"], PartNumber=n, Body=data)
+        parts.append({"PartNumber": n, "ETag": e["ETag"]})
+    s3.complete_multipart_upload(
+        Bucket=b, Key="mp", UploadId=up["UploadId"], MultipartUpload={"Parts": parts}
+    )
+    total = len(p1) + len(p2) + len(p3)
+    h = s3.head_object(Bucket=b, Key="mp")
+    assert h["PartsCount"] == 3 and h["ContentLength"] == total
+    g = s3.get_object(Bucket=b, Key="mp", PartNumber=2)
+    assert g["ResponseMetadata"]["HTTPStatusCode"] == 206
+    assert g["PartsCount"] == 3
+    assert g["ContentRange"] == f"bytes {len(p1)}-{len(p1) + len(p2) - 1}/{total}"
+    assert g["Body"].read() == p2
+    h3 = s3.head_object(Bucket=b, Key="mp", PartNumber=3)
+    assert (
+        h3["ContentLength"] == 4 and h3["ContentRange"] == f"bytes {total - 4}-{total - 1}/{total}"
+    )
+    assert s3.get_object(Bucket=b, Key="mp", PartNumber=3)["Body"].read() == b"tail"
+    with pytest.raises(ClientError) as ei:
+        s3.get_object(Bucket=b, Key="mp", PartNumber=4)
+    assert ei.value.response["Error"]["Code"] == "InvalidPartNumber"
+    assert ei.value.response["ResponseMetadata"]["HTTPStatusCode"] == 416
+    with pytest.raises(ClientError) as ei:
+        s3.get_object(Bucket=b, Key="mp", PartNumber=1, Range="bytes=0-1")
+    assert ei.value.response["Error"]["Code"] == "InvalidRequest"
+    with pytest.raises(ClientError) as ei:
+        s3.get_object(Bucket=b, Key="mp", PartNumber=0)
+    assert ei.value.response["ResponseMetadata"]["HTTPStatusCode"] == 400
+    # a simple object is its own single part
+    s3.put_object(Bucket=b, Key="plain", Body=b"0123456789")
+    assert "PartsCount" not in s3.head_object(Bucket=b, Key="plain")
+    g = s3.get_object(Bucket=b, Key="plain", PartNumber=1)
+    assert g["Body"].read() == b"0123456789" and g["ContentRange"] == "bytes 0-9/10"
+    with pytest.raises(ClientError) as ei:
+        s3.head_object(Bucket=b, Key="plain", PartNumber=2)
+    assert ei.value.response["ResponseMetadata"]["HTTPStatusCode"] == 416
