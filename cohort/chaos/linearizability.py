@@ -418,11 +418,22 @@ def check_key(
     # Any write, even one that failed or whose value was never read, can justify a read;
     # a read of a value no operation ever wrote is the plainest violation.
     written = {_vkey(o.value) for o in ops if o.kind == "put"}
+    applicable = {_vkey(o.value) for o in ops if o.kind == "put" and o.result != "fail"}
     for c in cops:
-        if c.kind == _GET and c.value is not None and _vkey(c.value) not in written:
+        if c.kind != _GET or c.value is None:
+            continue
+        vk = _vkey(c.value)
+        if vk not in written:
             return KeyResult(
                 key, False, len(cops), time.monotonic() - t0, [c.orig],
                 f"read of a value never written: {c.value!r}",
+            )  # fmt: skip
+        if vk not in applicable:
+            failed = [o for o in ops if o.kind == "put" and _vkey(o.value) == vk]
+            return KeyResult(
+                key, False, len(cops), time.monotonic() - t0, ops_sorted([*failed, c.orig]),
+                f"read of {c.value!r}, whose only write was reported failed (definitely "
+                "not applied): the failure report or its classification is wrong",
             )  # fmt: skip
     deadline = None if timeout is None else t0 + timeout
     stuck: list[float] = []

@@ -300,8 +300,8 @@ class CmdlineRestarter:
     def __call__(self, m: Member) -> int | None:
         import subprocess
 
-        if m.id not in self.captured:
-            return None
+        if not self.captured.get(m.id, ([], "", {}))[0]:
+            return None  # never captured, or captured before the process had exec'ed
         argv, cwd, env = self.captured[m.id]
         argv = list(argv)
         port = m.address.rpartition(":")[2]

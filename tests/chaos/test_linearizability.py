@@ -81,6 +81,15 @@ def test_read_of_never_written_value() -> None:
     assert "never written" in r.reason
 
 
+def test_read_of_a_failed_write_is_explained() -> None:
+    # regression: the 8-minute run's counterexample was a lone read; show the failed put
+    h = H(op(0, "put", 0, 1, "a", result="fail"), op(1, "get", 2, 3, read="a"))
+    r = check_key("k", h)
+    assert r.linearizable is False
+    assert [o.index for o in r.counterexample] == [0, 1]
+    assert "reported failed" in r.reason
+
+
 def test_read_your_write_violation() -> None:
     h = H(
         op(0, "put", 0, 1, "a"),

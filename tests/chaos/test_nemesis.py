@@ -176,6 +176,12 @@ def test_cmdline_restarter(procs: Procs, tmp_path: object) -> None:
     argv = [sys.executable, "-c", "import time; time.sleep(120)", "--port", "0"]
     pid = procs.spawn(argv)
     m = Member("director", "d1", "127.0.0.1:4567", pid)
+
+    def execed() -> bool:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"--port" in f.read()
+
+    _until(execed)  # /proc shows the parent's command line until exec
     r = CmdlineRestarter([m])
     procs.all[-1].kill()
     procs.reap()
