@@ -50,6 +50,8 @@ log = logging.getLogger("cohort.server")
 
 LEASE_MARGIN = 0.4  # seconds before the coordinator could expire us that we stop serving
 BLOB_GRACE = 30.0  # seconds a replaced blob stays readable
+UPLOAD_EXPIRY = 7 * 86400.0  # multipart uploads older than this are aborted
+ORPHAN_AGE = 3600.0  # unreferenced blobs seen for this long are deleted
 
 
 MIN_PART_SIZE = 5 * 1024 * 1024
@@ -384,7 +386,16 @@ class Server:
         now = time.monotonic()
         self._freed.extend((now, k) for k in keys)
 
+    # The background cleaner (see clean_once); servers set these from the command line.
+    upload_expiry: float = UPLOAD_EXPIRY
+    orphan_age: float = ORPHAN_AGE
+
+    def clean_interval(self) -> float:
+        return min(600.0, max(1.0, min(self.upload_expiry, self.orphan_age) / 4))
+
     async def _gc_loop(self) -> None:
+        orphans: dict[int, dict[str, float]] = {}
+        next_clean = time.monotonic() + self.clean_interval()
         while True:
             await asyncio.sleep(1.0)
             cutoff = time.monotonic() - BLOB_GRACE
@@ -392,6 +403,82 @@ class Server:
                 _, key = self._freed.popleft()
                 with contextlib.suppress(Exception):
                     await self.store.delete(key)
+            if time.monotonic() >= next_clean:
+                try:
+                    await self.clean_once(orphans)
+                except Exception:
+                    log.exception("background cleaner failed; retrying later")
+                next_clean = time.monotonic() + self.clean_interval()
+
+    async def clean_once(self, orphans: dict[int, dict[str, float]]) -> dict[str, int]:
+        """One pass of the background cleaner over the partitions served here.
+
+        * Multipart uploads initiated more than ``upload_expiry`` seconds ago are aborted
+          through the log (an ``mpu_abort`` record), which frees their part blobs.
+        * Orphan blobs: directors write a blob before the record that references it is
+          committed, so a crashed director or a failed commit leaves blobs under
+          ``blobs/<pppp>/`` that nothing references.  A blob no object or upload of its
+          partition references is remembered in ``orphans`` (partition -> blob -> when
+          first seen unreferenced) and deleted once it has stayed unreferenced for
+          ``orphan_age`` seconds.  Blobs appear only complete (temp file, then rename)
+          and their commit follows at once, so the age only has to cover a slow commit.
+        """
+        expired = 0
+        swept = 0
+        deadline = time.time() - self.upload_expiry
+        for p in list(self.hosts):
+            try:
+                h = self._host_for(p)
+            except RpcError:
+                continue
+            stale = [
+                (b, u)
+                for b, ups in h.state.uploads.items()
+                for u, up in ups.items()
+                if up.initiated < deadline
+            ]
+            for b, u in stale:
+                try:
+                    await self._commit(h, {"op": "mpu_abort", "b": b, "u": u})
+                except RpcError:
+                    break  # the partition moved away meanwhile
+                expired += 1
+                log.info("aborted expired multipart upload %s", u, extra={"partition": p})
+        for p in list(orphans):
+            if p not in self.hosts:
+                del orphans[p]
+        for p in list(self.hosts):
+            try:
+                self._host_for(p)
+            except RpcError:
+                continue
+            keys = [k async for k in self.store.list(f"blobs/{p:04d}/")]
+            try:
+                h = self._host_for(p)
+            except RpcError:
+                continue
+            used: set[str] = set()
+            for objs in h.state.buckets.values():
+                for meta in objs.values():
+                    used.update(meta.blobs())
+            for ups in h.state.uploads.values():
+                for up in ups.values():
+                    used.update(part.blob for part in up.parts.values() if part.blob)
+            seen = orphans.setdefault(p, {})
+            now = time.monotonic()
+            unused = [k for k in keys if k not in used]
+            for k in set(seen) - set(unused):
+                del seen[k]
+            for k in unused:
+                first = seen.setdefault(k, now)
+                if now - first >= self.orphan_age:
+                    with contextlib.suppress(Exception):
+                        await self.store.delete(k)
+                        swept += 1
+                    del seen[k]
+            if swept:
+                log.info("deleted %d orphan blobs", swept, extra={"partition": p})
+        return {"expired_uploads": expired, "orphan_blobs": swept}
 
     # -- RPC handlers ----------------------------------------------------------------------
     def _host_for(self, p: int) -> PartitionHost:
@@ -654,6 +741,8 @@ async def serve(args: argparse.Namespace) -> None:
         capacity=args.capacity,
         standby=args.standby,
     )
+    server.upload_expiry = args.upload_expiry_seconds
+    server.orphan_age = args.orphan_age_seconds
     address = await server.start()
     print(f"READY {address}", flush=True)
     stop = asyncio.Event()
@@ -678,6 +767,18 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--port", type=int, default=0)
     ap.add_argument("--capacity", type=float, default=1.0)
     ap.add_argument("--standby", action="store_true")
+    ap.add_argument(
+        "--upload-expiry-seconds",
+        type=float,
+        default=UPLOAD_EXPIRY,
+        help="abort multipart uploads older than this (default 7 days)",
+    )
+    ap.add_argument(
+        "--orphan-age-seconds",
+        type=float,
+        default=ORPHAN_AGE,
+        help="delete blobs that nothing references after this long (default 1 hour)",
+    )
     ap.add_argument("--log-file", default=None)
     args = ap.parse_args(argv)
     setup_logging(args.id, args.log_file)

@@ -17,9 +17,11 @@ from botocore.config import Config
 
 from cohort.cluster import LocalCluster
 from cohort.s3.sigv2 import presign_url_v2, sign_request_v2
-from tests.conftest import s3_client, start_cluster
+from tests.conftest import s3_client, start_cluster, wait_for
 
 DOMAIN = "cohort.test"
+UPLOAD_EXPIRY = 8  # seconds: short, so the background cleaner can be watched at work
+ORPHAN_AGE = 2
 
 
 @pytest.fixture(scope="module")
@@ -27,6 +29,12 @@ def pc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
     c = start_cluster(
         tmp_path_factory.mktemp("polish"),
         director_args=["--domain", DOMAIN],
+        server_args=[
+            "--upload-expiry-seconds",
+            str(UPLOAD_EXPIRY),
+            "--orphan-age-seconds",
+            str(ORPHAN_AGE),
+        ],
     )
     yield c
     c.stop()
@@ -303,3 +311,52 @@ def test_get_and_head_by_part_number(pc: LocalCluster, s3: Any) -> None:
     with pytest.raises(ClientError) as ei:
         s3.head_object(Bucket=b, Key="plain", PartNumber=2)
     assert ei.value.response["ResponseMetadata"]["HTTPStatusCode"] == 416
+
+
+# -- background cleaner --------------------------------------------------------------------
+def _blob_files(pc: LocalCluster) -> set[str]:
+    root = pc.storage / "blobs"
+    return {str(f.relative_to(pc.storage)) for f in root.rglob("*") if f.is_file()}
+
+
+def test_cleaner_expires_uploads_and_sweeps_orphans(pc: LocalCluster, s3: Any) -> None:
+    from cohort.partitioning import blob_key
+
+    b = _bucket(s3)
+    start = _blob_files(pc)
+    s3.put_object(Bucket=b, Key="kept", Body=b"keep me")
+    up = s3.create_multipart_upload(Bucket=b, Key="kept-mp")
+    e = s3.upload_part(Bucket=b, Key="kept-mp", UploadId=up["UploadId"], PartNumber=1, Body=b"m")
+    s3.complete_multipart_upload(
+        Bucket=b,
+        Key="kept-mp",
+        UploadId=up["UploadId"],
+        MultipartUpload={"Parts": [{"PartNumber": 1, "ETag": e["ETag"]}]},
+    )
+    before = _blob_files(pc)
+    referenced = before - start  # the bodies of "kept" and "kept-mp"
+    assert len(referenced) == 2
+    # an upload that is started, given a part, and left
+    left = s3.create_multipart_upload(Bucket=b, Key="left")
+    s3.upload_part(Bucket=b, Key="left", UploadId=left["UploadId"], PartNumber=1, Body=b"p" * 100)
+    part_blobs = _blob_files(pc) - before
+    assert len(part_blobs) == 1
+    # a blob written without a commit (a director that crashed before committing)
+    orphan = blob_key(3, uuid.uuid4().hex)
+    (pc.storage / orphan).parent.mkdir(parents=True, exist_ok=True)
+    (pc.storage / orphan).write_bytes(b"orphan")
+    wait_for(lambda: not (pc.storage / orphan).exists(), timeout=20, what="orphan swept")
+    # the upload is still young: listed, and its part kept
+    assert [u["UploadId"] for u in s3.list_multipart_uploads(Bucket=b).get("Uploads", [])] == [
+        left["UploadId"]
+    ]
+    assert part_blobs <= _blob_files(pc)
+    wait_for(
+        lambda: not s3.list_multipart_uploads(Bucket=b).get("Uploads"),
+        timeout=30,
+        what="expired upload aborted",
+    )
+    wait_for(lambda: not (part_blobs & _blob_files(pc)), timeout=20, what="part blob freed")
+    assert referenced <= _blob_files(pc)
+    assert s3.get_object(Bucket=b, Key="kept")["Body"].read() == b"keep me"
+    assert s3.get_object(Bucket=b, Key="kept-mp")["Body"].read() == b"m"
