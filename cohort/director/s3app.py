@@ -340,6 +340,19 @@ class S3App:
                 raise S3Error("NoSuchBucket", resource=bucket) from None
             raise
         await self.router.refresh()
+        # A PUT that raced with the emptiness check may have landed under the dead id:
+        # drop the bucket in every partition (reclaiming such objects and their blobs),
+        # which also leaves a tombstone there that discards PUTs still in flight.
+        try:
+            results = await self.router.scatter("bucket.drop", {"b": bid})
+            stray = sum(int(r.get("dropped", 0)) for r in results)
+            if stray:
+                log.warning(
+                    "bucket %s: reclaimed %d objects written during its deletion", bucket, stray
+                )
+        except (Unavailable, RpcError) as e:
+            # the bucket is gone either way; its stray objects wait for a later drop
+            log.warning("bucket %s deleted, but dropping its id failed: %s", bucket, e)
         return web.Response(status=204)
 
     async def get_bucket_location(

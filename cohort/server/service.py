@@ -144,6 +144,7 @@ class Server:
             "obj.set_acl",
             "obj.list",
             "bucket.count",
+            "bucket.drop",
             "status",
             "obj.import",
             "mpu.create",
@@ -629,6 +630,25 @@ class Server:
                 continue
             total += h.state.count(params["b"])
         return {"count": total, "not_owned": not_owned}
+
+    async def rpc_bucket_drop(self, params: dict[str, Any]) -> dict[str, Any]:
+        """After DeleteBucket: a ``drop`` record in each given partition served here.  It
+        forgets the bucket's objects and uploads (freeing their blobs) and leaves a
+        tombstone, so a PUT that raced with the deletion is discarded when it commits."""
+        dropped = 0
+        not_owned: list[int] = []
+        waits: list[Awaitable[None]] = []
+        t = time.time()
+        for p in params["parts"]:
+            try:
+                h = self._host_for(p)
+            except RpcError:
+                not_owned.append(p)
+                continue
+            dropped += h.state.count(params["b"])
+            waits.append(self._commit(h, {"op": "drop", "b": params["b"], "t": t}))
+        await asyncio.gather(*waits)
+        return {"dropped": dropped, "not_owned": not_owned}
 
     # -- multipart uploads -------------------------------------------------------------------
     def _upload(self, h: PartitionHost, params: dict[str, Any]) -> Upload:

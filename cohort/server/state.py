@@ -9,7 +9,7 @@ Records (msgpack maps)::
 
     {"op": "put", "b": bucket_id, "k": key, "m": ObjectMeta-as-list, "rid": request_id}
     {"op": "del", "b": bucket_id, "k": key, "rid": request_id}
-    {"op": "drop", "b": bucket_id}            # bucket deleted: forget its keys
+    {"op": "drop", "b": bucket_id, "t": time}  # bucket deleted: forget its keys
     {"op": "mpu_create", "b", "k", "u": upload_id, "m": ObjectMeta template, "t": time}
     {"op": "mpu_part", "b", "u", "n": part_number, "p": Part}
     {"op": "mpu_complete", "b", "k", "u", "m": final ObjectMeta}   # uses the listed parts
@@ -31,6 +31,9 @@ import msgspec
 from sortedcontainers import SortedDict
 
 RID_MEMORY = 50_000
+# how long a partition remembers a dropped bucket id, so a PUT that was in flight while
+# its bucket was deleted is discarded (with its blob) when its record arrives
+DROP_MEMORY = 86_400.0
 
 
 class ObjectMeta(msgspec.Struct, array_like=True, gc=False):
@@ -95,6 +98,7 @@ class PartitionState:
         self.uploads: dict[str, dict[str, Upload]] = {}  # bucket id -> upload id -> upload
         self.rids: OrderedDict[str, None] = OrderedDict()
         self.ops_applied = 0
+        self.dropped: dict[str, float] = {}  # deleted bucket id -> when it was dropped
 
     # -- mutation --------------------------------------------------------------------------
     def seen(self, rid: str | None) -> bool:
@@ -122,6 +126,9 @@ class PartitionState:
                 freed.extend(p.blob for p in up.parts.values() if p.blob and p.blob not in used)
             else:
                 meta = meta_from_wire(rec["m"])
+                if rec["b"] in self.dropped:  # a straggler into a deleted bucket
+                    freed.extend(meta.blobs())
+                    return freed
             objs = self.buckets.get(rec["b"])
             if objs is None:
                 objs = self.buckets[rec["b"]] = SortedDict()
@@ -139,6 +146,10 @@ class PartitionState:
                 if not objs:
                     del self.buckets[rec["b"]]
         elif op == "drop":
+            t = float(rec.get("t", 0.0))
+            self.dropped[rec["b"]] = t
+            for b in [b for b, when in self.dropped.items() if when < t - DROP_MEMORY]:
+                del self.dropped[b]
             objs = self.buckets.pop(rec["b"], None)
             if objs:
                 for m in objs.values():
@@ -154,6 +165,8 @@ class PartitionState:
                     headers["x-amz-acl"] = rec["acl"]
                 objs[rec["k"]] = msgspec.structs.replace(cur, headers=headers)
         elif op == "mpu_create":
+            if rec["b"] in self.dropped:
+                return freed  # the bucket was deleted meanwhile: no such upload
             self.uploads.setdefault(rec["b"], {})[rec["u"]] = Upload(
                 key=rec["k"], initiated=float(rec["t"]), meta=meta_from_wire(rec["m"]), parts={}
             )
@@ -262,6 +275,7 @@ class PartitionState:
                 for b, ups in self.uploads.items()
             },
             "rids": list(self.rids.keys())[-RID_MEMORY:],
+            "dropped": dict(self.dropped),
             "ops": self.ops_applied,
         }
 
@@ -276,4 +290,5 @@ class PartitionState:
             s.uploads[b] = {u: msgspec.convert(up, Upload) for u, up in ups.items()}
         s.rids = OrderedDict((r, None) for r in data.get("rids", []))
         s.ops_applied = int(data.get("ops", 0))
+        s.dropped = {b: float(t) for b, t in data.get("dropped", {}).items()}
         return s

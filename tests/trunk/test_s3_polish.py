@@ -360,3 +360,79 @@ def test_cleaner_expires_uploads_and_sweeps_orphans(pc: LocalCluster, s3: Any) -
     assert referenced <= _blob_files(pc)
     assert s3.get_object(Bucket=b, Key="kept")["Body"].read() == b"keep me"
     assert s3.get_object(Bucket=b, Key="kept-mp")["Body"].read() == b"m"
+
+
+# -- bucket deletion races -------------------------------------------------------------------
+def _with_router(pc: LocalCluster, fn: Any) -> Any:
+    import asyncio
+
+    from cohort.coord import connect
+    from cohort.director.router import Router
+
+    async def run() -> Any:
+        router = Router(connect(pc.coordinator_address))
+        await router.start()
+        try:
+            return await fn(router)
+        finally:
+            await router.close()
+
+    return asyncio.run(run())
+
+
+def _stray_put(
+    router: Any, pc: LocalCluster, bid: str, key: str
+) -> tuple[int, str, dict[str, Any]]:
+    """What a PUT that passed the bucket check before DeleteBucket does next: write its
+    blob, then commit at the owner."""
+    from cohort.partitioning import blob_key, partition_of
+    from cohort.server.state import ObjectMeta, meta_to_wire
+
+    p = partition_of(bid, key, router.partition_count)
+    blob = blob_key(p, uuid.uuid4().hex)
+    (pc.storage / blob).parent.mkdir(parents=True, exist_ok=True)
+    (pc.storage / blob).write_bytes(b"stray")
+    meta = ObjectMeta(size=5, etag="x" * 32, mtime=time.time(), blob=blob)
+    return p, blob, {"b": bid, "k": key, "m": meta_to_wire(meta), "rid": uuid.uuid4().hex}
+
+
+def test_bucket_drop_reclaims_strays(pc: LocalCluster, s3: Any) -> None:
+    # 1. a PUT that landed between the emptiness check and the deletion: bucket.drop
+    #    (what DeleteBucket scatters) forgets it and frees its blob
+    bid = "dead" + uuid.uuid4().hex
+
+    async def landed(router: Any) -> Any:
+        p, blob, params = _stray_put(router, pc, bid, "stray")
+        await router.call(p, "obj.put", params)
+        assert (await router.call(p, "obj.get", {"b": bid, "k": "stray"})) is not None
+        rs = await router.scatter("bucket.drop", {"b": bid})
+        assert sum(r["dropped"] for r in rs) == 1
+        assert (await router.call(p, "obj.get", {"b": bid, "k": "stray"})) is None
+        return blob
+
+    blob = _with_router(pc, landed)
+    wait_for(lambda: not (pc.storage / blob).exists(), timeout=40, what="stray blob freed")
+
+    # 2. a PUT still in flight when DeleteBucket finished: the tombstone discards it
+    b = _bucket(s3)
+    bid2 = _with_router(pc, lambda r: _bucket_id(r, b))
+    s3.delete_bucket(Bucket=b)
+
+    async def late(router: Any) -> Any:
+        p, blob, params = _stray_put(router, pc, bid2, "late")
+        await router.call(p, "obj.put", params)
+        assert (await router.call(p, "obj.get", {"b": bid2, "k": "late"})) is None
+        return blob
+
+    blob2 = _with_router(pc, late)
+    wait_for(lambda: not (pc.storage / blob2).exists(), timeout=40, what="late blob freed")
+    # a new bucket of the same name starts empty and works
+    s3.create_bucket(Bucket=b)
+    assert s3.list_objects_v2(Bucket=b)["KeyCount"] == 0
+    s3.put_object(Bucket=b, Key="late", Body=b"new")
+    assert s3.get_object(Bucket=b, Key="late")["Body"].read() == b"new"
+
+
+async def _bucket_id(router: Any, name: str) -> str:
+    await router.refresh()
+    return str(router.buckets[name]["id"])
