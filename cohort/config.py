@@ -20,9 +20,12 @@ Example (``/etc/cohort/cohort.toml``)::
     [server]
     port = 7000
     capacity = 1.0
+    upload_expiry_seconds = 604800   # abort multipart uploads older than this
+    orphan_age_seconds = 3600        # delete blobs nothing references after this long
 
     [director]
     port = 9000
+    domains = ["s3.example.com"]     # optional: virtual-hosted style (bucket.s3.example.com)
 
     [coordinator]             # the embedded coordinator (only without etcd), or with
     port = 7100               # etcd: a dedicated primary candidate (no port, no data)
@@ -60,7 +63,10 @@ class NodeConfig:
     server_id: str = ""
     capacity: float = 1.0
     standby: bool = False
+    upload_expiry_seconds: float = 7 * 86400.0
+    orphan_age_seconds: float = 3600.0
     director_port: int = 9000
+    domains: list[str] = field(default_factory=list)
     director_id: str = ""
     coordinator_port: int = 7100
     coordinator_data_dir: str = "/var/lib/cohort/coordinator"
@@ -128,7 +134,10 @@ def parse_config(text: str, source: str = "<string>") -> NodeConfig:
             server_id=_get(doc, "server", "id", str, node_id),
             capacity=_get(doc, "server", "capacity", float, 1.0),
             standby=bool(doc.get("server", {}).get("standby", False)),
+            upload_expiry_seconds=_get(doc, "server", "upload_expiry_seconds", float, 7 * 86400.0),
+            orphan_age_seconds=_get(doc, "server", "orphan_age_seconds", float, 3600.0),
             director_port=_get(doc, "director", "port", int, 9000),
+            domains=[str(d) for d in doc.get("director", {}).get("domains", [])],
             director_id=_get(doc, "director", "id", str, f"director-{node_id}"),
             coordinator_port=_get(doc, "coordinator", "port", int, 7100),
             coordinator_data_dir=_get(

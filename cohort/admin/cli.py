@@ -186,6 +186,8 @@ def server_role(config: ConfigFile = Path("/etc/cohort/cohort.toml")) -> None:
             "--port", str(cfg.server_port), "--capacity", str(cfg.capacity)]  # fmt: skip
     if cfg.standby:
         argv.append("--standby")
+    argv += ["--upload-expiry-seconds", str(cfg.upload_expiry_seconds),
+             "--orphan-age-seconds", str(cfg.orphan_age_seconds)]  # fmt: skip
     if cfg.log_file(cfg.server_id):
         argv += ["--log-file", cfg.log_file(cfg.server_id)]
     service.main(argv)
@@ -203,6 +205,8 @@ def director_role(config: ConfigFile = Path("/etc/cohort/cohort.toml")) -> None:
     argv = ["--id", cfg.director_id, "--coordinator", cfg.coordinator_address(),
             "--storage", cfg.storage_path, "--credentials", cfg.credentials,
             "--host", cfg.address, "--port", str(cfg.director_port)]  # fmt: skip
+    for d in cfg.domains:
+        argv += ["--domain", d]
     if cfg.log_file(cfg.director_id):
         argv += ["--log-file", cfg.log_file(cfg.director_id)]
     service.main(argv)
