@@ -93,6 +93,9 @@ class CoordinatorState:
         self.buckets: dict[str, Bucket] = {}
         self.events: list[Event] = []
         self.version = 0  # bumped on every externally visible change
+        # bumped whenever the set of live servers changes: the lock manager's epoch, so
+        # every server's DLM agent agrees which membership a number means
+        self.membership_epoch = 0
         self.cluster_id = uuid.uuid4().hex
 
     # -- events / versioning ---------------------------------------------------------------
@@ -132,6 +135,8 @@ class CoordinatorState:
             meta=meta or {},
         )
         self.members[member_id] = m
+        if role == "server":
+            self.membership_epoch += 1
         self._changed("join", f"{role} {member_id} at {address}")
         if role == "server":
             self.rebalance(now)
@@ -175,6 +180,8 @@ class CoordinatorState:
 
     def _member_gone(self, m: Member, why: str) -> None:
         m.state = "dead" if why != "left" else "left"
+        if m.role == "server":
+            self.membership_epoch += 1
         for p in self.partitions:
             if p.holder == m.id and p.holder_incarnation == m.incarnation:
                 p.holder = None
@@ -353,6 +360,7 @@ class CoordinatorState:
             "version": self.version,
             "cluster_id": self.cluster_id,
             "lease_ttl": self.lease_ttl,
+            "membership_epoch": self.membership_epoch,
             "members": [msgspec.to_builtins(m) for m in self.members.values()],
             "partitions": [[p.owner, p.epoch, p.holder] for p in self.partitions],
             "buckets": [msgspec.to_builtins(b) for b in self.buckets.values()],
@@ -363,6 +371,7 @@ class CoordinatorState:
         return {
             "cluster_id": self.cluster_id,
             "version": self.version,
+            "membership_epoch": self.membership_epoch,
             "partition_count": self.partition_count,
             "members": [msgspec.to_builtins(m) for m in self.members.values()],
             "partitions": [msgspec.to_builtins(p) for p in self.partitions],
@@ -377,6 +386,8 @@ class CoordinatorState:
         s = cls(snap["partition_count"], lease_ttl, failback)
         s.cluster_id = snap["cluster_id"]
         s.version = snap["version"] + 1
+        # a restarted coordinator must never reuse an epoch the agents have seen
+        s.membership_epoch = int(snap.get("membership_epoch", 0)) + 1
         s.members = {m["id"]: msgspec.convert(m, Member) for m in snap["members"]}
         s.partitions = [msgspec.convert(p, Partition) for p in snap["partitions"]]
         s.buckets = {b["name"]: msgspec.convert(b, Bucket) for b in snap["buckets"]}

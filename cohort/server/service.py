@@ -30,13 +30,16 @@ import os
 import signal
 import time
 from collections import deque
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Coroutine
 from typing import Any
 
 import msgspec
 
 from cohort.coord import connect
 from cohort.coord.base import Coordinator
+from cohort.dlm import Handle, LockAgent, Mode, TcpTransport
+from cohort.dlm.errors import DlmError
+from cohort.dlm.transport import RPC_METHOD as DLM_RPC_METHOD
 from cohort.logs import setup_logging
 from cohort.metrics import InstrumentedStore, ServerMetrics, start_metrics_server
 from cohort.partitioning import partition_of
@@ -153,6 +156,7 @@ class Server:
             "mpu.abort",
             "mpu.get",
             "mpu.list",
+            "dlm.status",
         ):
             handler = getattr(self, "rpc_" + name.replace(".", "_"))
             self.rpc.register(name, self.metrics.instrument(name, handler))
@@ -171,6 +175,17 @@ class Server:
         self._stopping = False
         self._rejoin = asyncio.Event()
         self.requests = 0
+        # The lock manager: one agent per incarnation (a re-joined server is a new DLM
+        # node, so nothing it held before can be mistaken for its own).
+        self.agent: LockAgent | None = None
+        self.dlm_transport: TcpTransport | None = None
+        self.dlm_locks: dict[int, Handle] = {}
+        self._dlm_epoch = -1
+        # DLM messages can arrive between our join and the agent's creation (peers learn
+        # of us from the coordinator at once): keep them for the agent instead of dropping
+        self._early_dlm: list[Any] = []
+        self._bg: set[asyncio.Task[Any]] = set()
+        self.rpc.register(DLM_RPC_METHOD, self._buffer_dlm)
 
     # -- lifecycle -------------------------------------------------------------------------
     async def start(self) -> str:
@@ -188,6 +203,8 @@ class Server:
         return self.address
 
     async def _join(self) -> None:
+        # until the new incarnation's agent exists, keep DLM messages for it
+        self.rpc.register(DLM_RPC_METHOD, self._buffer_dlm)
         while True:
             try:
                 t_send = time.monotonic()
@@ -210,7 +227,34 @@ class Server:
         self.lease_ttl = float(r["lease_ttl"])
         self.lease_deadline = t_send + self.lease_ttl - LEASE_MARGIN
         log.info("joined as %s incarnation %s", self.id, self.incarnation)
+        self._new_agent()
         self._apply_view(r["view"])
+
+    @property
+    def dlm_node(self) -> str:
+        return f"{self.id}~{self.incarnation}"
+
+    def _new_agent(self) -> None:
+        if self.agent is not None:
+            self.agent.close()  # every lock of the old incarnation is lost (and told so)
+        self.dlm_locks.clear()
+        self.dlm_transport = TcpTransport(self.rpc)
+        self.agent = LockAgent(self.dlm_node, self.dlm_transport)
+        self._dlm_epoch = -1
+        early, self._early_dlm = self._early_dlm, []
+        for src, msg in early:
+            self.agent._on_message(src, msg)
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        """Run ``coro`` in the background, keeping a reference until it finishes."""
+        t = asyncio.create_task(coro)
+        self._bg.add(t)
+        t.add_done_callback(self._bg.discard)
+
+    async def _buffer_dlm(self, params: Any) -> None:
+        if len(self._early_dlm) < 10_000:
+            src, msg = params
+            self._early_dlm.append((src, msg))
 
     def lease_valid(self) -> bool:
         return time.monotonic() < self.lease_deadline
@@ -228,6 +272,9 @@ class Server:
             for p, _ in hosts:
                 with contextlib.suppress(Exception):
                     await self.coord.release_partition(self.id, self.incarnation, p)
+                await self._release_dlm(p)
+        if self.agent is not None:
+            self.agent.close()
         self.hosts.clear()
         await self.rpc.close()
         await self.coord.close()
@@ -271,6 +318,9 @@ class Server:
         for t in list(self.acquiring.values()):
             t.cancel()
         self.acquiring.clear()
+        if self.agent is not None:
+            self.agent.lease_lost()  # every DLM holder here is told its lock is lost
+        self.dlm_locks.clear()
         hosts, self.hosts = self.hosts, {}
         for h in hosts.values():
             await h.close(graceful=False)
@@ -294,6 +344,7 @@ class Server:
         self.partition_count = len(parts)
         if self._stopping:
             return
+        self._dlm_membership(view)
         for p, (owner, epoch, holder) in enumerate(parts):
             h = self.hosts.get(p)
             if (
@@ -320,6 +371,59 @@ class Server:
                 if h is not None:
                     self._start_release(p, graceful=True)
 
+    def _dlm_membership(self, view: dict[str, Any]) -> None:
+        """Feed the coordinator's membership to the lock agent (its epoch changes exactly
+        when the set of live servers does, so every agent agrees on the numbering)."""
+        epoch = view.get("membership_epoch")
+        if self.agent is None or epoch is None or epoch <= self._dlm_epoch:
+            return
+        members = {
+            f"{m['id']}~{m['incarnation']}": m["address"]
+            for m in view["members"]
+            if m["role"] == "server" and m["state"] in ("alive", "draining")
+        }
+        self._dlm_epoch = epoch
+        self.agent.set_membership(int(epoch), members)
+
+    async def _lock_partition(self, p: int) -> Handle | None:
+        """Take ``partition/p`` in EX from the DLM.  The holder in our way gets a blocking
+        notification and hands over (flush, checkpoint, release).  None if the DLM does
+        not run here (no membership epoch from this coordinator backend)."""
+        if self.agent is None or self._dlm_epoch < 0:
+            return None
+
+        def blocking(mode: Mode) -> None:
+            self._on_blocking(p)
+
+        h = await self.agent.lock(f"partition/{p}", Mode.EX, on_blocking=blocking)
+        if h.previous_holder_died:
+            log.info(
+                "partition %d: previous holder %s died; its log will be replayed",
+                p,
+                h.previous_holder_died,
+                extra={"partition": p},
+            )
+        return h
+
+    def _on_blocking(self, p: int) -> None:
+        # Someone wants partition p: hand it over if the map agrees it is no longer ours.
+        if self.view["partitions"][p][0] != self.id and p in self.hosts:
+            self._start_release(p, graceful=True)
+
+    async def _release_dlm(self, p: int) -> None:
+        h = self.dlm_locks.pop(p, None)
+        if h is not None and not h.lost.is_set():
+            with contextlib.suppress(Exception):
+                await h.release()
+
+    async def _watch_dlm_lock(self, p: int, h: Handle) -> None:
+        """A lost DLM lock (lease lost, agent fenced) ends our service of the partition."""
+        await h.lost.wait()
+        if self.dlm_locks.get(p) is h:
+            log.error("lost the DLM lock of partition %d; stopping it", p, extra={"partition": p})
+            self.dlm_locks.pop(p, None)
+            self._start_release(p, graceful=False)
+
     def _start_release(self, p: int, *, graceful: bool) -> None:
         h = self.hosts.pop(p, None)
         if h is None or p in self.releasing:
@@ -330,6 +434,7 @@ class Server:
         try:
             await h.close(graceful=graceful)
             await self.coord.release_partition(self.id, self.incarnation, p)
+            await self._release_dlm(p)
             log.info("released partition %d", p, extra={"partition": p, "epoch": h.epoch})
         except Exception as e:
             log.warning("release of partition %d: %s", p, e)
@@ -347,7 +452,15 @@ class Server:
             self.releasing.pop(p, None)
 
     async def _acquire(self, p: int) -> None:
+        dlm: Handle | None = None
         try:
+            try:
+                dlm = await self._lock_partition(p)
+            except DlmError as e:
+                log.warning("DLM lock of partition %d failed (%s); retrying", p, e)
+                await asyncio.sleep(0.2)
+                asyncio.get_running_loop().call_soon(self._apply_view, self.view)
+                return
             while True:
                 if not self.lease_valid():
                     await asyncio.sleep(0.05)
@@ -361,6 +474,10 @@ class Server:
                     await asyncio.sleep(0.05 if e.code == "Busy" else 0.2)
             host = PartitionHost(self.store, p, self.id, token, self._queue_freed)
             self.hosts[p] = host
+            if dlm is not None:
+                self.dlm_locks[p] = dlm
+                self._spawn(self._watch_dlm_lock(p, dlm))
+                dlm = None  # owned by the host now
             try:
                 await host.recover()
                 self.metrics.acquisitions.inc()
@@ -373,6 +490,9 @@ class Server:
                 await asyncio.sleep(0.5)
                 asyncio.get_running_loop().call_soon(self._apply_view, self.view)
         finally:
+            if dlm is not None and not dlm.lost.is_set():
+                # not serving after all (cancelled, map moved): give the DLM lock back
+                self._spawn(dlm.release())
             if self.acquiring.get(p) is asyncio.current_task():
                 del self.acquiring[p]
 
@@ -735,6 +855,18 @@ class Server:
                 if up.key.startswith(prefix):
                     out.append([up.key, uid, up.initiated])
         return {"uploads": out, "not_owned": not_owned}
+
+    async def rpc_dlm_status(self, params: Any) -> dict[str, Any]:
+        """The lock agent's view: resources mastered, locks held, message counts."""
+        st: dict[str, Any] = self.agent.status() if self.agent is not None else {}
+        st["partition_locks"] = {
+            str(p): {"mode": h.mode.name if h.mode is not None else None, "token": h.token}
+            for p, h in self.dlm_locks.items()
+        }
+        if self.dlm_transport is not None:
+            st["messages_sent"] = self.dlm_transport.messages
+            st["bytes_sent"] = self.dlm_transport.bytes
+        return st
 
     async def rpc_status(self, params: Any) -> dict[str, Any]:
         return {
