@@ -778,11 +778,7 @@ def locks(
         )
         raise typer.Exit(1)
     t = Table(show_edge=False)
-    keys: list[str] = []
-    for st in doc["agents"].values():
-        for k in st:
-            if k not in keys and k != "mastered":
-                keys.append(k)
+    keys = ["epoch", "fenced", "locks", "partition_locks", "directory_entries", "messages_sent"]
     t.add_column("server")
     for k in keys:
         t.add_column(k)
@@ -791,7 +787,10 @@ def locks(
         mastered = st.get("mastered", [])
         t.add_row(
             sid,
-            *[str(st.get(k, "")) for k in keys],
+            *[
+                str(len(v)) if isinstance(v := st.get(k, ""), dict | list) else str(v)
+                for k in keys
+            ],
             f"{len(mastered)}" if isinstance(mastered, list) else str(mastered),
         )
     console.print(t)
