@@ -33,8 +33,21 @@ class Unavailable(Exception):
 
 class Router:
     def __init__(
-        self, coord: Coordinator, *, deadline: float = 15.0, rpc_timeout: float = 5.0
+        self,
+        coord: Coordinator,
+        *,
+        deadline: float = 15.0,
+        rpc_timeout: float = 5.0,
+        hot_reads: float = 0.0,
     ) -> None:
+        # hot read-only spreading: a partition read more than ``hot_reads`` times a
+        # second (0 = never) gets read replicas on other servers
+        self.hot_reads = hot_reads
+        self.readers: dict[int, list[str]] = {}
+        self._read_window: dict[int, list[float]] = {}  # p -> [window start, reads]
+        self._spreading: set[int] = set()
+        self._rr = 0
+        self._bg: set[asyncio.Task[Any]] = set()
         self.coord = coord
         self.pool = ClientPool()
         self.deadline = deadline
@@ -76,6 +89,11 @@ class Router:
             if m["role"] == "server" and m["state"] in ("alive", "draining")
         }
         self.buckets = {b["name"]: b for b in view["buckets"]}
+        live = set(self.addresses.values())
+        for p, readers in list(self.readers.items()):
+            readers[:] = [a for a in readers if a in live]
+            if not readers:
+                del self.readers[p]
         self._refreshed.set()
         self._refreshed = asyncio.Event()
 
@@ -86,6 +104,61 @@ class Router:
             except RpcError as e:
                 log.warning("watch failed: %s", e)
                 await asyncio.sleep(0.2)
+
+    # -- reads: owner or read replicas ----------------------------------------------------
+    async def read(self, p: int, method: str, params: dict[str, Any]) -> Any:
+        """A read of partition ``p``: from its owner or, when the partition is hot and
+        has read replicas, spread round-robin over owner and replicas.  A replica that no
+        longer holds its copy answers ``NotReader`` and is forgotten; the owner answers."""
+        if self.hot_reads > 0:
+            self._count_read(p)
+            readers = self.readers.get(p)
+            if readers:
+                self._rr += 1
+                pick = self._rr % (len(readers) + 1)
+                if pick:
+                    addr = readers[pick - 1]
+                    try:
+                        return await self.pool.get(addr).call(
+                            method, {**params, "replica": True}, timeout=self.rpc_timeout
+                        )
+                    except RpcError:
+                        if addr in readers:
+                            readers.remove(addr)
+        return await self.call(p, method, params)
+
+    def _count_read(self, p: int) -> None:
+        now = time.monotonic()
+        w = self._read_window.get(p)
+        if w is None or now - w[0] >= 1.0:
+            self._read_window[p] = [now, 1.0]
+            return
+        w[1] += 1
+        if w[1] >= self.hot_reads and p not in self._spreading:
+            owner = self.owner_address(p)
+            candidates = [
+                a
+                for a in sorted(set(self.addresses.values()))
+                if a != owner and a not in self.readers.get(p, [])
+            ]
+            if candidates:
+                self._spreading.add(p)
+                t = asyncio.create_task(self._add_reader(p, candidates[0]))
+                self._bg.add(t)
+                t.add_done_callback(self._bg.discard)
+
+    async def _add_reader(self, p: int, addr: str) -> None:
+        try:
+            r = await self.pool.get(addr).call("part.read", {"p": p}, timeout=self.rpc_timeout)
+            if r.get("role") == "reader":
+                readers = self.readers.setdefault(p, [])
+                if addr not in readers:
+                    readers.append(addr)
+                    log.info("partition %d: read replica on %s", p, addr)
+        except RpcError as e:
+            log.info("partition %d: no read replica on %s: %s", p, addr, e)
+        finally:
+            self._spreading.discard(p)
 
     async def refresh(self) -> None:
         with contextlib.suppress(RpcError):

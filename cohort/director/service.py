@@ -54,7 +54,7 @@ async def _membership(coord: Coordinator, member_id: str, address: str) -> None:
 
 async def serve(args: argparse.Namespace) -> None:
     coord = connect(args.coordinator)
-    router = Router(coord)
+    router = Router(coord, hot_reads=args.hot_reads)
     await router.start()
     keys = load_keys(args.credentials)
     store = LocalStore(args.storage)
@@ -114,6 +114,12 @@ def main(argv: list[str] | None = None) -> None:
         action="append",
         default=[],
         help="base domain for virtual-hosted-style requests (bucket.DOMAIN); repeatable",
+    )
+    ap.add_argument(
+        "--hot-reads",
+        type=float,
+        default=float(os.environ.get("COHORT_HOT_READS", "200")),
+        help="reads/s of one partition that start read replicas on other servers (0: never)",
     )
     ap.add_argument("--log-file", default=None)
     args = ap.parse_args(argv)

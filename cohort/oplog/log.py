@@ -158,6 +158,43 @@ class PartitionLog:
         self.segments_since_checkpoint = replayed + 1
         return Recovery(ckpt_state, ckpt_seq, records, replayed, fence_seq, epochs, corrupt)
 
+    async def load_readonly(self) -> Recovery:
+        """Checkpoint + records after it, *without* fencing or repairing anything.
+
+        For a read replica holding the partition lock in PR: the owner holds it in PR
+        too, so nobody appends while the replica exists and the log is stable.  A
+        damaged segment ends the load (the owner quarantines it on its next recovery).
+        """
+        for _attempt in range(20):
+            try:
+                ckpt_state: Any | None = None
+                ckpt_seq = 0
+                for c in sorted(await self._list_seqs("ckpt"), reverse=True):
+                    try:
+                        _hdr, body = segment.decode(await self.store.get(self._ckpt_key(c)))
+                    except (segment.CorruptSegment, NotFound):
+                        continue
+                    ckpt_state = body[0] if body else None
+                    ckpt_seq = c
+                    break
+                records: list[Any] = []
+                replayed = 0
+                corrupt: list[str] = []
+                for s in sorted(await self._list_seqs("log")):
+                    if s <= ckpt_seq:
+                        continue
+                    try:
+                        _hdr, recs = segment.decode(await self.store.get(self._log_key(s)))
+                    except segment.CorruptSegment as e:
+                        corrupt.append(f"segment {s}: {e}")
+                        break
+                    records.extend(recs)
+                    replayed += 1
+                return Recovery(ckpt_state, ckpt_seq, records, replayed, 0, [], corrupt)
+            except NotFound:
+                continue  # a checkpoint removed segments under us: load again
+        raise RuntimeError(f"partition {self.partition}: log kept changing during a read-only load")
+
     async def _quarantine(self, seq: int, data: bytes) -> None:
         await self.store.put(f"{self.base}/quarantine/{seq:016d}", data)
         await self.store.delete(self._log_key(seq))

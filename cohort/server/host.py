@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from cohort.oplog.log import Fenced, PartitionLog
@@ -59,6 +59,13 @@ class PartitionHost:
         self.replayed_records = 0
         self.ops = 0  # requests served, for load reporting
         self.bytes_written = 0
+        # Hot read-only spreading: while ``shared`` the owner holds the partition lock in
+        # PR next to read replicas on other servers, and must not write.  A commit first
+        # calls ``make_exclusive`` (set by the server), which converts back to EX; the
+        # DLM's blocking notifications make every replica drop its copy before that.
+        self.shared = False
+        self.make_exclusive: Callable[[], Awaitable[None]] | None = None
+        self.last_write = 0.0
 
     @property
     def serving(self) -> bool:
@@ -110,9 +117,23 @@ class PartitionHost:
                     return None
         return self.state.get(bucket_id, key)
 
+    def quiet(self, seconds: float) -> bool:
+        """No write queued, in flight, or done in the last ``seconds``."""
+        return (
+            not self._pending
+            and not self._inflight
+            and time.monotonic() - self.last_write >= seconds
+        )
+
     async def commit(self, record: dict[str, Any]) -> None:
         """Make ``record`` durable and apply it; returns once both are done."""
         self.check()
+        self.last_write = time.monotonic()
+        if self.shared:
+            if self.make_exclusive is None:
+                raise NotServing(f"partition {self.partition} is shared read-only")
+            await self.make_exclusive()
+            self.check()
         rid = record.get("rid")
         if self.state.seen(rid):
             return  # a retry of a request that already committed

@@ -42,10 +42,11 @@ from cohort.dlm.errors import DlmError
 from cohort.dlm.transport import RPC_METHOD as DLM_RPC_METHOD
 from cohort.logs import setup_logging
 from cohort.metrics import InstrumentedStore, ServerMetrics, start_metrics_server
+from cohort.oplog.log import PartitionLog
 from cohort.partitioning import partition_of
 from cohort.rpc import RpcError, RpcServer
 from cohort.server.host import NotServing, PartitionHost
-from cohort.server.state import ObjectMeta, Upload, meta_to_wire
+from cohort.server.state import ObjectMeta, PartitionState, Upload, meta_to_wire
 from cohort.storage.base import Store
 from cohort.storage.local import LocalStore
 
@@ -118,6 +119,20 @@ def complete_upload(up: Upload, listed: list[tuple[int, str]]) -> ObjectMeta:
     )
 
 
+WRITE_QUIET = 1.0  # seconds without writes before an owner shares a partition read-only
+REPLICA_IDLE = 20.0  # seconds without reads before a read replica lets go
+
+
+class ReadReplica:
+    """A read-only copy of a partition held under a PR lock (hot read-only spreading)."""
+
+    def __init__(self, state: PartitionState, handle: Handle) -> None:
+        self.state = state
+        self.handle = handle
+        self.last_read = time.monotonic()
+        self.reads = 0
+
+
 class Server:
     def __init__(
         self,
@@ -157,6 +172,7 @@ class Server:
             "mpu.get",
             "mpu.list",
             "dlm.status",
+            "part.read",
         ):
             handler = getattr(self, "rpc_" + name.replace(".", "_"))
             self.rpc.register(name, self.metrics.instrument(name, handler))
@@ -181,6 +197,9 @@ class Server:
         self.dlm_transport: TcpTransport | None = None
         self.dlm_locks: dict[int, Handle] = {}
         self._dlm_epoch = -1
+        self._conv_locks: dict[int, asyncio.Lock] = {}
+        self.replicas: dict[int, ReadReplica] = {}
+        self._replica_loading: set[int] = set()
         # DLM messages can arrive between our join and the agent's creation (peers learn
         # of us from the coordinator at once): keep them for the agent instead of dropping
         self._early_dlm: list[Any] = []
@@ -321,6 +340,7 @@ class Server:
         if self.agent is not None:
             self.agent.lease_lost()  # every DLM holder here is told its lock is lost
         self.dlm_locks.clear()
+        self.replicas.clear()
         hosts, self.hosts = self.hosts, {}
         for h in hosts.values():
             await h.close(graceful=False)
@@ -393,7 +413,7 @@ class Server:
             return None
 
         def blocking(mode: Mode) -> None:
-            self._on_blocking(p)
+            self._on_blocking(p, mode)
 
         h = await self.agent.lock(f"partition/{p}", Mode.EX, on_blocking=blocking)
         if h.previous_holder_died:
@@ -405,10 +425,129 @@ class Server:
             )
         return h
 
-    def _on_blocking(self, p: int) -> None:
-        # Someone wants partition p: hand it over if the map agrees it is no longer ours.
-        if self.view["partitions"][p][0] != self.id and p in self.hosts:
+    def _on_blocking(self, p: int, mode: Mode = Mode.EX) -> None:
+        h = self.hosts.get(p)
+        if h is None:
+            return
+        if self.view["partitions"][p][0] != self.id:
+            # Someone wants partition p and the map agrees it is no longer ours: hand over.
             self._start_release(p, graceful=True)
+        elif mode in (Mode.PR, Mode.CR) and not h.shared and h.serving:
+            # A read replica wants to share the partition: go down to PR once nobody has
+            # written for WRITE_QUIET seconds.  (The DLM notifies a holder once per grant,
+            # so the wait for quiet happens here, not by waiting for another notification.)
+            self._spawn(self._share(p, h))
+
+    def _conv_lock(self, p: int) -> asyncio.Lock:
+        lock = self._conv_locks.get(p)
+        if lock is None:
+            lock = self._conv_locks[p] = asyncio.Lock()
+        return lock
+
+    async def _share(self, p: int, h: PartitionHost) -> None:
+        """Owner EX -> PR so read replicas can be granted PR next to it."""
+        give_up = time.monotonic() + 5 * WRITE_QUIET
+        while not h.quiet(WRITE_QUIET):
+            if time.monotonic() > give_up or not h.serving:
+                return  # writes keep coming: this partition is not read-only now
+            await asyncio.sleep(WRITE_QUIET / 4)
+        async with self._conv_lock(p):
+            dlm = self.dlm_locks.get(p)
+            if dlm is None or h.shared or not h.serving or not h.quiet(WRITE_QUIET):
+                return
+            h.shared = True  # from here on, a commit waits for make_exclusive
+            try:
+                await dlm.convert(Mode.PR)
+                log.info("partition %d shared read-only with replicas", p, extra={"partition": p})
+            except DlmError as e:
+                log.warning("partition %d: down-conversion failed: %s", p, e)
+                h.shared = False
+
+    async def _make_exclusive(self, p: int, h: PartitionHost) -> None:
+        """Owner PR -> EX before a write: every replica is told (blocking notification),
+        drops its copy and releases, and only then does the conversion complete."""
+        async with self._conv_lock(p):
+            dlm = self.dlm_locks.get(p)
+            if not h.shared:
+                return
+            if dlm is None:
+                raise NotServing(f"partition {p} lost its lock")
+            try:
+                await dlm.convert(Mode.EX)
+            except DlmError as e:
+                raise NotServing(f"partition {p}: cannot convert to EX: {e}") from None
+            h.shared = False
+            log.info("partition %d exclusive again for a write", p, extra={"partition": p})
+
+    # -- read replicas (hot read-only spreading) ----------------------------------------------
+    async def rpc_part_read(self, params: dict[str, Any]) -> dict[str, Any]:
+        """Become a read replica of partition ``p``: hold ``partition/p`` in PR, load its
+        state read-only, serve ``obj.get`` from it until the owner needs to write."""
+        p = int(params["p"])
+        if p in self.hosts:
+            return {"role": "owner"}
+        if p in self.replicas:
+            return {"role": "reader"}
+        if self.agent is None or not self.lease_valid() or p in self._replica_loading:
+            raise RpcError("Busy", f"cannot replicate partition {p} now")
+        self._replica_loading.add(p)
+        try:
+            blocked = False
+
+            def on_blocking(mode: Mode) -> None:
+                nonlocal blocked
+                blocked = True
+                self._drop_replica(p, "the owner needs to write")
+
+            try:
+                h = await self.agent.lock(
+                    f"partition/{p}",
+                    Mode.PR,
+                    timeout=float(params.get("timeout", 2.0)),
+                    on_blocking=on_blocking,
+                )
+            except DlmError as e:
+                raise RpcError("Busy", f"partition {p} is not shareable now ({e})") from None
+            try:
+                rec = await PartitionLog(self.store, p, self.id).load_readonly()
+                state = PartitionState.from_checkpoint(rec.checkpoint)
+                for r in rec.records:
+                    state.apply(r)
+            except Exception:
+                await h.release()
+                raise
+            if blocked or h.lost.is_set() or not self.lease_valid():
+                await h.release()
+                raise RpcError("Busy", f"partition {p} changed while loading")
+            self.replicas[p] = ReadReplica(state, h)
+            self._spawn(self._watch_replica(p, h))
+            log.info(
+                "read replica of partition %d (%d records replayed)",
+                p,
+                len(rec.records),
+                extra={"partition": p},
+            )
+            return {"role": "reader"}
+        finally:
+            self._replica_loading.discard(p)
+
+    def _drop_replica(self, p: int, why: str) -> None:
+        r = self.replicas.pop(p, None)
+        if r is not None:
+            log.info("dropping read replica of partition %d: %s", p, why, extra={"partition": p})
+            self._spawn(r.handle.release())
+
+    async def _watch_replica(self, p: int, h: Handle) -> None:
+        await h.lost.wait()
+        r = self.replicas.get(p)
+        if r is not None and r.handle is h:
+            self._drop_replica(p, "lock lost")
+
+    def _expire_replicas(self) -> None:
+        now = time.monotonic()
+        for p, r in list(self.replicas.items()):
+            if now - r.last_read > REPLICA_IDLE:
+                self._drop_replica(p, "idle")
 
     async def _release_dlm(self, p: int) -> None:
         h = self.dlm_locks.pop(p, None)
@@ -473,6 +612,7 @@ class Server:
                         return
                     await asyncio.sleep(0.05 if e.code == "Busy" else 0.2)
             host = PartitionHost(self.store, p, self.id, token, self._queue_freed)
+            host.make_exclusive = lambda p=p, host=host: self._make_exclusive(p, host)
             self.hosts[p] = host
             if dlm is not None:
                 self.dlm_locks[p] = dlm
@@ -519,6 +659,7 @@ class Server:
         next_clean = time.monotonic() + self.clean_interval()
         while True:
             await asyncio.sleep(1.0)
+            self._expire_replicas()
             cutoff = time.monotonic() - BLOB_GRACE
             while self._freed and self._freed[0][0] < cutoff:
                 _, key = self._freed.popleft()
@@ -644,7 +785,18 @@ class Server:
 
     async def rpc_obj_get(self, params: dict[str, Any]) -> dict[str, Any] | None:
         self.requests += 1
-        h = self._host_for(self._partition(params))
+        p = self._partition(params)
+        replica = self.replicas.get(p)
+        if replica is not None and p not in self.hosts:
+            if not self.lease_valid() or replica.handle.lost.is_set():
+                raise RpcError("NotReader", f"no valid read replica of partition {p} here")
+            replica.last_read = time.monotonic()
+            replica.reads += 1
+            m = replica.state.get(params["b"], params["k"])
+            return None if m is None else {"m": meta_to_wire(m)}
+        if params.get("replica"):
+            raise RpcError("NotReader", f"{self.id} holds no read replica of partition {p}")
+        h = self._host_for(p)
         h.ops += 1
         m = h.state.get(params["b"], params["k"])
         if not self.lease_valid():  # never answer from a partition we may have lost
@@ -863,6 +1015,8 @@ class Server:
             str(p): {"mode": h.mode.name if h.mode is not None else None, "token": h.token}
             for p, h in self.dlm_locks.items()
         }
+        st["read_replicas"] = {str(p): r.reads for p, r in self.replicas.items()}
+        st["shared"] = sorted(p for p, h in self.hosts.items() if h.shared)
         if self.dlm_transport is not None:
             st["messages_sent"] = self.dlm_transport.messages
             st["bytes_sent"] = self.dlm_transport.bytes
