@@ -31,13 +31,16 @@ from cohort.cluster import LocalCluster, _read_ready  # noqa: E402
 TICK = os.sysconf("SC_CLK_TCK")
 
 
-def cpu_seconds(pid: int) -> float:
+def cpu_seconds(pid: int, kind: str = "all") -> float:
+    """User+system CPU seconds of a process (all its threads), from /proc."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICK
+    user, system = int(fields[11]) / TICK, int(fields[12]) / TICK
+    return {"user": user, "system": system}.get(kind, user + system)
 
 
 def measure(t: Target, pids: dict[str, int], op: str, size: int, n: int) -> dict[str, float]:
     before = {k: cpu_seconds(p) for k, p in pids.items()}
+    before_sys = {k: cpu_seconds(p, "system") for k, p in pids.items()}
     # run by count, approximately: enough time for n requests at a modest rate
     done = 0
     t0 = time.monotonic()
@@ -48,7 +51,9 @@ def measure(t: Target, pids: dict[str, int], op: str, size: int, n: int) -> dict
         done += r.requests
         total_cli += r.client_cpu_seconds
     after = {k: cpu_seconds(p) for k, p in pids.items()}
+    after_sys = {k: cpu_seconds(p, "system") for k, p in pids.items()}
     out = {k: (after[k] - before[k]) / max(done, 1) * 1e6 for k in pids}
+    out.update({f"{k}_sys": (after_sys[k] - before_sys[k]) / max(done, 1) * 1e6 for k in pids})
     out["client"] = total_cli / max(done, 1) * 1e6
     out["requests"] = done
     return out
@@ -84,6 +89,7 @@ def main() -> None:
             for op in ("PUT", "GET"):
                 r = measure(t, {**pids, **server_pids}, op, args.size, args.requests)
                 r["servers"] = sum(r.pop(k) for k in server_pids)
+                r["servers_sys"] = sum(r.pop(f"{k}_sys") for k in server_pids)
                 results.setdefault("cohort", {})[op] = r
         finally:
             cluster.stop()
@@ -100,13 +106,14 @@ def main() -> None:
             base.wait()
     print(f"\nCPU microseconds per request, {args.size}-byte objects (lower is better)")
     print(f"{'op':<4} | {'director':>9} {'servers':>9} {'coord':>7} {'total':>9} | {'baseline':>9} | "
-          f"{'ratio':>6} | {'client':>7}")
+          f"{'ratio':>6} | {'client':>7} | kernel share: director, servers, baseline")
     for op in ("PUT", "GET"):
         c = results["cohort"][op]
         b = results["baseline"][op]
         total = c["director"] + c["servers"] + c["coordinator"]
         print(f"{op:<4} | {c['director']:>9.0f} {c['servers']:>9.0f} {c['coordinator']:>7.0f} {total:>9.0f} | "
-              f"{b['server']:>9.0f} | {total / b['server']:>6.2f} | {c['client']:>7.0f}")
+              f"{b['server']:>9.0f} | {total / b['server']:>6.2f} | {c['client']:>7.0f} | "
+              f"{c['director_sys']:.0f}, {c['servers_sys']:.0f}, {b['server_sys']:.0f}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
 

@@ -88,6 +88,9 @@ async def _worker(
                         await resp.read()
                         if resp.status != 200:
                             errors += 1
+                            if errors <= 3:
+                                print(f"loadgen: {method} {key} -> {resp.status}: "
+                                      f"{(await resp.read())[:200]!r}", flush=True)
                         else:
                             done += 1
                             lat.append(time.perf_counter() - t0)

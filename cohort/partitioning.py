@@ -17,4 +17,5 @@ def partition_of(bucket_id: str, key: str, partitions: int) -> int:
 
 def blob_key(partition: int, blob_id: str) -> str:
     """Storage key of an object body (immutable; written before its metadata commits)."""
-    return f"blobs/{partition:04d}/{blob_id[:2]}/{blob_id}"
+    # fan out on the id's last two characters (ids end in a counter's low digits)
+    return f"blobs/{partition:04d}/{blob_id[-2:]}/{blob_id}"
