@@ -20,6 +20,15 @@ Rules it enforces
   non-draining servers with the fewest partitions (weighted by capacity); when the
   spread between the most and least loaded server exceeds one partition, partitions move
   (gracefully: the old owner releases when it sees the new map) to even it out.
+* Load-aware balancing (:class:`LoadPolicy`): servers may report per-partition request
+  rates with their heartbeats (:meth:`CoordinatorState.report_load`).  When every active
+  server reports and the capacity-weighted load of the busiest one exceeds the mean by
+  ``threshold`` for ``ticks`` consecutive evaluations, at most ``max_moves`` partitions
+  move from it to the least loaded server, never one that moved in the last
+  ``cooldown`` seconds, and only when the move lowers the peak.  A move that would
+  unbalance the partition *counts* is made a swap with the receiver's coldest partition,
+  so the count evening never undoes it.  No reports, no load moves: servers and tests
+  that do not report load see the count-only behaviour.
 """
 
 from __future__ import annotations
@@ -27,6 +36,8 @@ from __future__ import annotations
 import re
 import time
 import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import msgspec
@@ -46,6 +57,21 @@ class Member(msgspec.Struct):
     pid: int = 0
     joined_at: float = 0.0  # wall clock, for display
     meta: dict[str, Any] = {}
+
+
+@dataclass
+class LoadPolicy:
+    """Hysteresis of load-aware rebalancing (see the module docstring)."""
+
+    enabled: bool = True
+    threshold: float = 1.5  # busiest server's weighted load / mean weighted load
+    ticks: int = 3  # consecutive imbalanced evaluations before moving anything
+    period: float = 1.0  # seconds between evaluations
+    max_moves: int = 2  # partitions moved per decision
+    cooldown: float = 30.0  # a partition that moved is left alone this long
+    min_rate: float = 20.0  # requests/s cluster-wide below which load is ignored
+    stale: float = 10.0  # a server's report older than this counts as no report
+    smoothing: float = 0.5  # EWMA weight of the newest per-partition rate
 
 
 class Partition(msgspec.Struct):
@@ -97,6 +123,16 @@ class CoordinatorState:
         # every server's DLM agent agrees which membership a number means
         self.membership_epoch = 0
         self.cluster_id = uuid.uuid4().hex
+        # Load-aware balancing: soft state, rebuilt from heartbeats (never persisted).
+        self.load_policy = LoadPolicy()
+        self.part_rate: dict[int, float] = {}  # smoothed requests/s per partition
+        self.part_bytes: dict[int, float] = {}  # smoothed bytes/s written per partition
+        self.load_reported: dict[str, float] = {}  # member -> time of its last report
+        self.moved_at: dict[int, float] = {}  # partition -> time of its last move
+        self.load_moves = 0  # partitions moved because of load, since start
+        self._load_strikes = 0
+        self._load_hot = ""
+        self._load_next_eval = 0.0
 
     # -- events / versioning ---------------------------------------------------------------
     def _changed(self, kind: str | None = None, detail: str = "") -> None:
@@ -142,12 +178,45 @@ class CoordinatorState:
             self.rebalance(now)
         return m
 
-    def heartbeat(self, now: float, member_id: str, incarnation: str) -> Member:
+    def heartbeat(self, now: float, member_id: str, incarnation: str, load: Any = None) -> Member:
         m = self.members.get(member_id)
         if m is None or m.incarnation != incarnation or m.state in ("dead", "left"):
             raise CoordinatorError("UnknownMember", f"{member_id} is not a live member; re-join")
         m.lease_expiry = now + self.lease_ttl
+        if load is not None:
+            self.report_load(now, member_id, load)
         return m
+
+    def report_load(self, now: float, member_id: str, load: Any) -> None:
+        """Take a server's per-partition rates: ``[[partition, requests/s, bytes/s], ...]``
+        over its last heartbeat interval; partitions it serves but does not list had no
+        requests.  Only the map's owner's figures count.  Changes no version (soft state)."""
+        a = self.load_policy.smoothing
+        listed: dict[int, tuple[float, float]] = {}
+        for row in load:
+            p, rate = int(row[0]), float(row[1])
+            nbytes = float(row[2]) if len(row) > 2 else 0.0
+            if 0 <= p < self.partition_count:
+                listed[p] = (max(rate, 0.0), max(nbytes, 0.0))
+        for p, part in enumerate(self.partitions):
+            if part.owner != member_id:
+                continue
+            rate, nbytes = listed.get(p, (0.0, 0.0))
+            self.part_rate[p] = a * rate + (1 - a) * self.part_rate.get(p, rate)
+            self.part_bytes[p] = a * nbytes + (1 - a) * self.part_bytes.get(p, nbytes)
+        self.load_reported[member_id] = now
+
+    def server_loads(self) -> dict[str, float]:
+        """Smoothed requests/s of every live server, by the partitions it owns now."""
+        out = {
+            m.id: 0.0
+            for m in self.members.values()
+            if m.role == "server" and m.state in ("alive", "draining")
+        }
+        for p, part in enumerate(self.partitions):
+            if part.owner in out:
+                out[part.owner] += self.part_rate.get(p, 0.0)
+        return out
 
     def leave(self, now: float, member_id: str, incarnation: str) -> None:
         m = self.members.get(member_id)
@@ -250,6 +319,7 @@ class CoordinatorState:
             p = self.partitions[i]
             if p.owner in counts:
                 counts[p.owner] -= 1
+                self.moved_at[i] = now  # a hand-over between live servers (for the cooldown)
             p.owner = target
             p.epoch += 1
             counts[target] += 1
@@ -294,6 +364,90 @@ class CoordinatorState:
             assign(max(i for i, p in enumerate(self.partitions) if p.owner == hi), lo)
         if moved:
             self._changed("rebalance", f"{moved} partitions assigned")
+        elif len(act) > 1:
+            self._balance_load(now, act, counts, share, cap, assign)
+
+    def _balance_load(
+        self,
+        now: float,
+        act: list[str],
+        counts: dict[str, int],
+        share: dict[str, float],
+        cap: dict[str, float],
+        assign: Callable[[int, str], None],
+    ) -> None:
+        """One evaluation of load-aware balancing among the active servers ``act``."""
+        pol = self.load_policy
+        if not pol.enabled or now < self._load_next_eval:
+            return
+        self._load_next_eval = now + pol.period
+        if any(now - self.load_reported.get(s, -1e18) > pol.stale for s in act):
+            self._load_strikes = 0  # someone does not report load: no load information
+            return
+        rate = self.part_rate
+        load = {s: 0.0 for s in act}
+        mine: dict[str, list[int]] = {s: [] for s in act}
+        for i, p in enumerate(self.partitions):
+            if p.owner in load:
+                load[p.owner] += rate.get(i, 0.0)
+                mine[p.owner].append(i)
+        total = sum(load.values())
+        mean = total / sum(cap[s] for s in act)
+        w = {s: load[s] / cap[s] for s in act}
+        hi = max(act, key=lambda s: (w[s], s))
+        if total < pol.min_rate or w[hi] <= pol.threshold * mean:
+            self._load_strikes = 0
+            return
+        # the same server must stay the busiest for ``ticks`` evaluations in a row
+        self._load_strikes = self._load_strikes + 1 if hi == self._load_hot else 1
+        self._load_hot = hi
+        if self._load_strikes < pol.ticks:
+            return
+        self._load_strikes = 0  # the next move needs a fresh run of evaluations
+        moves: list[str] = []
+        for _ in range(pol.max_moves):
+            hi = max(act, key=lambda s: (w[s], s))
+            lo = min(act, key=lambda s: (w[s], s))
+            if hi == lo:
+                break
+
+            def free(s: str) -> list[int]:
+                return [i for i in mine[s] if now - self.moved_at.get(i, -1e18) >= pol.cooldown]
+
+            # a plain move keeps the count spread within one partition, or else a swap
+            plain = (counts[lo] + 1 - share[lo]) - (counts[hi] - 1 - share[hi]) <= 1.0 + 1e-9
+            cold = (
+                None if plain else min(free(lo), key=lambda i: (rate.get(i, 0.0), i), default=None)
+            )
+            if not plain and cold is None:
+                break
+            back = rate.get(cold, 0.0) if cold is not None else 0.0
+            best: tuple[float, int] | None = None
+            for i in free(hi):
+                r = rate.get(i, 0.0) - back
+                if r <= 0:
+                    continue
+                peak = max(w[hi] - r / cap[hi], w[lo] + r / cap[lo])
+                if peak < w[hi] * 0.95 and (best is None or (peak, i) < best):
+                    best = (peak, i)
+            if best is None:
+                break  # nothing lowers the peak: one partition is the hot spot; leave it
+            i = best[1]
+            r = rate.get(i, 0.0) - back
+            assign(i, lo)
+            mine[hi].remove(i)
+            mine[lo].append(i)
+            w[hi] -= r / cap[hi]
+            w[lo] += r / cap[lo]
+            moves.append(f"{i} {hi}->{lo}")
+            if cold is not None:
+                assign(cold, hi)
+                mine[lo].remove(cold)
+                mine[hi].append(cold)
+                moves.append(f"{cold} {lo}->{hi}")
+        if moves:
+            self.load_moves += len(moves)
+            self._changed("load-rebalance", ", ".join(moves))
 
     # -- partition lock ------------------------------------------------------------------------
     def acquire_partition(self, now: float, member_id: str, incarnation: str, p: int) -> int:
