@@ -155,6 +155,9 @@ def _register_tenant_commands() -> None:
 
     app.add_typer(tenant_app, name="tenant")
     app.add_typer(key_app, name="key")
+    from cohort.admin.chaos_cli import register as register_chaos
+
+    register_chaos(app)
 
 
 _register_tenant_commands()
