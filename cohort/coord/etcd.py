@@ -516,7 +516,13 @@ class EtcdCoordinator:
         return self.prefix + rest
 
     # -- config ---------------------------------------------------------------------------
-    async def config(self) -> dict[str, Any]:
+    async def config(self, *, create: bool = True) -> dict[str, Any]:
+        """The cluster's config key; created from this client's settings if ``create``."""
+        if self._config is None and not create:
+            _, kv = await self.client.get(self.k("config"))
+            if kv is None:
+                return {}
+            self._config = kv.doc()
         if self._config is None:
             key = self.k("config")
             want = {
@@ -651,12 +657,10 @@ class EtcdCoordinator:
 
     # -- views ----------------------------------------------------------------------------------
     async def view(self) -> dict[str, Any]:
-        await self.config()
         rev, kvs = await self.client.range_prefix(self.prefix)
         return build_view(self.prefix, rev, {kv.key: kv for kv in kvs})
 
     async def watch(self, since: int, timeout: float = 5.0) -> dict[str, Any]:
-        await self.config()
         self.informer.start()
         await self.informer.wait_newer(since, timeout)
         if not self.informer.loaded or time.monotonic() - self.informer.healthy_at > 2.0:

@@ -57,9 +57,16 @@ async def test_two_primaries_never_both_write(etcd3: EtcdCluster) -> None:
             assert time.monotonic() < deadline
             await asyncio.sleep(0.05)
         leader, other = (a, b) if a.is_primary else (b, a)
-        # the loser's write, guarded by a revision it does not own, never lands
+        deadline = time.monotonic() + 10
         v = await a.view()
-        assert not await other._assign_once(my_rev=1)
+        while not all(p[0] == "s1" and p[1] == 1 for p in v["partitions"]):
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+            v = await a.view()
+        # A zombie primary (it thinks it leads at revision 1, and its copy of the map is
+        # missing) computes a whole new map: its guarded write never lands.
+        other.informer.kvs.pop(other.k("map"), None)
+        assert await other._assign_once(my_rev=1) is False
         assert (await a.view())["partitions"] == v["partitions"]
         # the primary dies (its task stops, its lease is revoked): the other takes over
         await leader.close()
@@ -84,11 +91,11 @@ async def test_client_survives_a_dead_etcd_member(etcd3: EtcdCluster) -> None:
         t0 = time.monotonic()
         await c.heartbeat("s1", inc)
         b = await c.create_bucket("after-kill")
-        assert time.monotonic() - t0 < 2.0
+        assert time.monotonic() - t0 < 3.0
         # the informer's stream moves to a live member and delivers the change
         v = await c.watch(-1, timeout=2.0)
         while b not in v["buckets"]:
-            assert time.monotonic() - t0 < 4.0, "watch did not move to a live endpoint"
+            assert time.monotonic() - t0 < 8.0, "watch did not move to a live endpoint"
             v = await c.watch(v["version"], timeout=2.0)
     finally:
         await c.close()
