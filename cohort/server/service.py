@@ -37,7 +37,9 @@ import msgspec
 
 from cohort.coord import connect
 from cohort.coord.base import Coordinator
+from cohort.coord.client import RpcCoordinator
 from cohort.dlm import Handle, LockAgent, Mode, TcpTransport
+from cohort.dlm.client import ClientService
 from cohort.dlm.errors import DlmError
 from cohort.dlm.transport import RPC_METHOD as DLM_RPC_METHOD
 from cohort.logs import setup_logging
@@ -189,6 +191,8 @@ class Server:
         self._tasks: list[asyncio.Task[None]] = []
         self._freed: deque[tuple[float, str]] = deque()
         self._stopping = False
+        self._load_t = time.monotonic()
+        self._load_last: dict[int, tuple[int, int, int]] = {}
         self._rejoin = asyncio.Event()
         self.requests = 0
         # The lock manager: one agent per incarnation (a re-joined server is a new DLM
@@ -259,6 +263,9 @@ class Server:
         self.dlm_locks.clear()
         self.dlm_transport = TcpTransport(self.rpc)
         self.agent = LockAgent(self.dlm_node, self.dlm_transport)
+        # programs that are not Cohort servers take cluster locks through any server
+        # (cohort.dlm.client.DlmClient); the sessions belong to this incarnation
+        self.dlm_clients = ClientService(self.agent, self.rpc)
         self._dlm_epoch = -1
         early, self._early_dlm = self._early_dlm, []
         for src, msg in early:
@@ -307,7 +314,12 @@ class Server:
             await asyncio.sleep(interval)
             t_send = time.monotonic()
             try:
-                r = await self.coord.heartbeat(self.id, self.incarnation)
+                if isinstance(self.coord, RpcCoordinator):  # carries load (etcd: not yet)
+                    r = await self.coord.heartbeat(
+                        self.id, self.incarnation, load=self._load_report()
+                    )
+                else:
+                    r = await self.coord.heartbeat(self.id, self.incarnation)
                 self.metrics.lease_renewals.inc()
                 # Only a reply proves the lease was renewed, and only from when we sent it.
                 self.lease_deadline = max(
@@ -332,6 +344,23 @@ class Server:
                 self.metrics.lease_lost.inc()
                 await self._drop_all("lease lost")
             self._reap_failed_hosts()
+
+    def _load_report(self) -> list[list[float]]:
+        """Per-partition ``[partition, requests/s, bytes/s]`` since the last report, for
+        the coordinator's load-aware rebalancing (idle partitions are left out)."""
+        now = time.monotonic()
+        dt = max(now - self._load_t, 1e-3)
+        self._load_t = now
+        last, self._load_last = self._load_last, {}
+        out: list[list[float]] = []
+        for p, h in self.hosts.items():
+            self._load_last[p] = (id(h), h.ops, h.bytes_written)
+            hid, ops0, b0 = last.get(p, (id(h), 0, 0))
+            if hid != id(h):
+                ops0 = b0 = 0  # a new host object for p: its counters started at zero
+            if h.ops > ops0:
+                out.append([p, (h.ops - ops0) / dt, (h.bytes_written - b0) / dt])
+        return out
 
     async def _drop_all(self, why: str) -> None:
         for t in list(self.acquiring.values()):
@@ -768,6 +797,8 @@ class Server:
         self.requests += 1
         h = self._host_for(self._partition(params))
         h.ops += 1
+        m = params["m"]
+        h.bytes_written += int(m[0]) if isinstance(m, list) and m else 0  # array-like: size
         cond = params.get("cond")
         if cond and not h.state.seen(params.get("rid")):
             check_condition(h.current(params["b"], params["k"]), cond)

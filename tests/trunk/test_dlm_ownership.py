@@ -9,6 +9,8 @@ import asyncio
 import time
 from typing import Any
 
+import pytest
+
 from cohort.cluster import LocalCluster
 from cohort.coord import connect
 from cohort.rpc import ClientPool
@@ -79,3 +81,31 @@ def test_lock_traffic_is_quiet_in_steady_state_and_moves_on_drain(cluster: Local
     assert dlm_status(cluster)["server-1"]["dlm"]["partition_locks"] == {}
     for i in range(100):
         assert s3.get_object(Bucket="quiet", Key=f"k{i}")["Body"].read() == b"x"
+
+
+def test_programs_take_cluster_locks_through_any_server(cluster: LocalCluster) -> None:
+    """A program that is not a Cohort server uses the cluster's lock manager: two
+    clients on different servers exclude each other, with growing fencing tokens, and
+    the value block travels with the lock."""
+    from cohort.dlm.client import DlmClient
+    from cohort.dlm.errors import NotQueued
+
+    servers = [p.address for p in cluster.procs.values() if p.role == "server"]
+
+    async def scenario() -> None:
+        a, b = DlmClient(servers[0]), DlmClient(servers[1])
+        try:
+            h = await a.lock("app/orders", "EX", timeout=5)
+            with pytest.raises(NotQueued):
+                await b.lock("app/orders", "EX", noqueue=True)
+            h.set_value(b"generation=7")
+            await h.release()
+            h2 = await b.lock("app/orders", "PR", timeout=5)
+            assert h2.token > h.token
+            assert h2.value == b"generation=7"
+            await h2.release()
+        finally:
+            await a.close()
+            await b.close()
+
+    asyncio.run(scenario())
