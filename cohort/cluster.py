@@ -106,7 +106,10 @@ class LocalCluster:
         failback: str = "immediate",
         server_args: list[str] | None = None,
         director_args: list[str] | None = None,
+        coordinator_args: list[str] | None = None,
     ) -> None:
+        # extra flags for the embedded coordinator (e.g. ``--load-cooldown 5``)
+        self.coordinator_args = list(coordinator_args or [])
         # extra command-line flags for every server / director (e.g. ``--domain``)
         self.server_args = list(server_args or [])
         self.director_args = list(director_args or [])
@@ -196,6 +199,7 @@ class LocalCluster:
                 str(self.lease_ttl),
                 "--failback",
                 self.failback,
+                *self.coordinator_args,
             ],
         )
         self.procs[coord.id] = coord

@@ -21,10 +21,15 @@ class RpcCoordinator:
         r: dict[str, Any] = await self._call("join", member)
         return r
 
-    async def heartbeat(self, member_id: str, incarnation: str) -> dict[str, Any]:
-        r: dict[str, Any] = await self._call(
-            "heartbeat", {"id": member_id, "incarnation": incarnation}, timeout=1.0
-        )
+    async def heartbeat(
+        self, member_id: str, incarnation: str, load: list[list[float]] | None = None
+    ) -> dict[str, Any]:
+        """Renew the lease; a server may add its per-partition ``load``
+        (``[[partition, requests/s, bytes/s], ...]``) for load-aware rebalancing."""
+        params: dict[str, Any] = {"id": member_id, "incarnation": incarnation}
+        if load is not None:
+            params["load"] = load
+        r: dict[str, Any] = await self._call("heartbeat", params, timeout=1.0)
         return r
 
     async def leave(self, member_id: str, incarnation: str) -> None:

@@ -26,7 +26,7 @@ from typing import Any
 
 import msgspec
 
-from cohort.coord.state import CoordinatorError, CoordinatorState
+from cohort.coord.state import CoordinatorError, CoordinatorState, LoadPolicy
 from cohort.logs import setup_logging
 from cohort.metrics import CoordinatorMetrics, start_metrics_server
 from cohort.rpc import RpcError, RpcServer
@@ -63,6 +63,7 @@ class EmbeddedCoordinator:
         partitions: int = 256,
         lease_ttl: float = 2.5,
         failback: str = "immediate",
+        load_policy: LoadPolicy | None = None,
     ) -> None:
         data_dir.mkdir(parents=True, exist_ok=True)
         self.store = SqlitePersistence(data_dir / "coordinator.sqlite")
@@ -75,6 +76,8 @@ class EmbeddedCoordinator:
             self.state = CoordinatorState.restore(snap, lease_ttl, failback)
             self.state.extend_all_leases(now)
             log.info("restored coordinator state (version %d)", self.state.version)
+        if load_policy is not None:
+            self.state.load_policy = load_policy
         self.persisted_version = self.state.version
         self.changed = asyncio.Condition()
         self.rpc = RpcServer()
@@ -114,6 +117,11 @@ class EmbeddedCoordinator:
     def _view(self) -> dict[str, Any]:
         v = self.state.view()
         v["coordinator"] = {"metrics": self.metrics_address}
+        # load-aware balancing, for status tools and benchmarks (soft state)
+        v["load"] = {
+            "moves": self.state.load_moves,
+            "servers": self.state.server_loads(),
+        }
         return v
 
     async def _commit(self) -> None:
@@ -164,7 +172,9 @@ class EmbeddedCoordinator:
         }
 
     async def heartbeat(self, p: dict[str, Any]) -> dict[str, Any]:
-        self._wrap(lambda: self.state.heartbeat(time.monotonic(), p["id"], p["incarnation"]))
+        self._wrap(
+            lambda: self.state.heartbeat(time.monotonic(), p["id"], p["incarnation"], p.get("load"))
+        )
         return {"version": self.state.version}
 
     async def leave(self, p: dict[str, Any]) -> None:
@@ -225,6 +235,15 @@ async def serve(args: argparse.Namespace) -> None:
         partitions=args.partitions,
         lease_ttl=args.lease_ttl,
         failback=args.failback,
+        load_policy=LoadPolicy(
+            enabled=not args.no_load_balance,
+            threshold=args.load_threshold,
+            ticks=args.load_ticks,
+            period=args.load_period,
+            max_moves=args.load_max_moves,
+            cooldown=args.load_cooldown,
+            min_rate=args.load_min_rate,
+        ),
     )
     port = await coord.start(args.host, args.port)
     stop = asyncio.Event()
@@ -249,6 +268,26 @@ def main(argv: list[str] | None = None) -> None:
         "--failback",
         default="immediate",
         help="when partitions leave standby servers: immediate, never, or a daily HH-HH window",
+    )
+    d = LoadPolicy()
+    g = ap.add_argument_group("load-aware rebalancing (servers report per-partition rates)")
+    g.add_argument("--no-load-balance", action="store_true", help="move partitions by count only")
+    g.add_argument(
+        "--load-threshold",
+        type=float,
+        default=d.threshold,
+        help="act when the busiest server's weighted load exceeds the mean by this factor",
+    )
+    g.add_argument(
+        "--load-ticks", type=int, default=d.ticks, help="...for this many evaluations in a row"
+    )
+    g.add_argument("--load-period", type=float, default=d.period, help="seconds per evaluation")
+    g.add_argument("--load-max-moves", type=int, default=d.max_moves, help="moves per decision")
+    g.add_argument(
+        "--load-cooldown", type=float, default=d.cooldown, help="seconds a moved partition stays"
+    )
+    g.add_argument(
+        "--load-min-rate", type=float, default=d.min_rate, help="ignore load below this req/s"
     )
     ap.add_argument("--log-file", default=None)
     args = ap.parse_args(argv)
