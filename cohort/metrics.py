@@ -295,6 +295,13 @@ class ServerMetrics(_Base):
         self.checkpoints = LoopCounter(
             "cohort_checkpoints", "Partition checkpoints written.", registry=r
         )
+        self.store_bytes = LoopCounter(
+            "cohort_store_bytes",
+            "Bytes this server read from or wrote to shared storage, by direction (read, "
+            "write) and kind (log, ckpt, blob, other).",
+            ["direction", "kind"],
+            registry=r,
+        )
         self.replay_seconds = LoopHistogram(
             "cohort_replay_seconds",
             "Partition recovery time (fence + load checkpoint + replay).",
@@ -374,15 +381,40 @@ class InstrumentedStore:
     def __init__(self, inner: Any, metrics: ServerMetrics) -> None:
         self.inner = inner
         self.m = metrics
-        self.get = inner.get
-        self.read_range = inner.read_range
         self.size = inner.size
-        self.put_stream = inner.put_stream
         self.delete = inner.delete
+
+    def _count(self, direction: str, key: str, n: int) -> None:
+        """Bytes moved to or from shared storage (``cohort_store_bytes``), by kind."""
+        if "/log/" in key:
+            kind = "log"
+        elif "/ckpt/" in key:
+            kind = "ckpt"
+        elif key.startswith("blobs/"):
+            kind = "blob"
+        else:
+            kind = "other"
+        self.m.store_bytes.labels(direction, kind).inc(n)
+
+    async def get(self, key: str) -> bytes:
+        data: bytes = await self.inner.get(key)
+        self._count("read", key, len(data))
+        return data
+
+    async def read_range(self, key: str, start: int, length: int) -> bytes:
+        data: bytes = await self.inner.read_range(key, start, length)
+        self._count("read", key, len(data))
+        return data
+
+    async def put_stream(self, key: str, chunks: AsyncIterator[bytes]) -> int:
+        n: int = await self.inner.put_stream(key, chunks)
+        self._count("write", key, n)
+        return n
 
     async def put(
         self, key: str, data: bytes, *, if_absent: bool = False, if_match: str | None = None
     ) -> str:
+        self._count("write", key, len(data))
         if "/log/" not in key:
             if "/ckpt/" in key:
                 self.m.checkpoints.inc()
