@@ -337,12 +337,18 @@ class Server:
                     await self._join()
                     continue
                 log.warning("heartbeat failed: %s", e)
-            if not self.lease_valid() and self.hosts:
+            if not self.lease_valid():
                 log.error(
                     "lease lost (no renewal in time): self-fencing %d partitions", len(self.hosts)
                 )
                 self.metrics.lease_lost.inc()
                 await self._drop_all("lease lost")
+                # Come back as a new incarnation: the coordinator then records the old one
+                # as gone, so every lock agent drops what it held, and ours starts fresh.
+                # (Keeping the old incarnation would leave the fenced agent unable to lock
+                # again, and other agents believing it still holds its locks.)
+                await self._join()
+                continue
             self._reap_failed_hosts()
 
     def _load_report(self) -> list[list[float]]:
