@@ -607,7 +607,11 @@ class EtcdCoordinator:
             self._leases[(member_id, incarnation)] = lease
         return lease
 
-    async def heartbeat(self, member_id: str, incarnation: str) -> dict[str, Any]:
+    async def heartbeat(
+        self, member_id: str, incarnation: str, load: list[list[float]] | None = None
+    ) -> dict[str, Any]:
+        """Keep the member's lease alive.  ``load`` is accepted and ignored (load-aware
+        rebalancing runs in the embedded coordinator only, for now)."""
         lease = await self._lease_of(member_id, incarnation)
         ttl, rev = await self.client.lease_keepalive(lease, timeout=1.0)
         if ttl <= 0:
