@@ -454,19 +454,27 @@ def report(out: dict[str, Any]) -> None:
     print("\nGET 4 KiB throughput, same client load (2 processes x 8 tasks)")
     print(
         f"{'servers':>7} {'req/s':>8} {'efficiency':>10} {'p99 ms':>7} | CPU us/request: "
-        f"{'director':>8} {'servers':>8} {'coord':>6} {'client':>7}"
+        f"{'director':>8} {'servers':>8} {'coord':>6} {'client':>7} | {'machine':>7} "
+        f"{'server layer':>12}"
     )
     base = out["throughput"]["1"]["req_per_s"]
+    cores = os.cpu_count() or 1
     for n, r in out["throughput"].items():
         eff = r["req_per_s"] / (base * int(n)) if base else 0.0
         c = r["cpu_us_per_req"]
+        total = c["director"] + c["servers"] + c["coordinator"] + c["client"]
+        r["bound_machine"] = cores * 1e6 / total if total else 0.0
+        r["bound_servers"] = int(n) * 1e6 / c["servers"] if c["servers"] else 0.0
         print(
             f"{n:>7} {r['req_per_s']:>8.0f} {eff:>10.2f} {r['p99_ms']:>7.1f} | {'':>15}"
-            f"{c['director']:>8.0f} {c['servers']:>8.0f} {c['coordinator']:>6.0f} {c['client']:>7.0f}"
+            f"{c['director']:>8.0f} {c['servers']:>8.0f} {c['coordinator']:>6.0f} "
+            f"{c['client']:>7.0f} | {r['bound_machine']:>7.0f} {r['bound_servers']:>12.0f}"
         )
     print(
-        f"(this machine has {os.cpu_count()} cores shared by client, director and servers: "
-        "throughput is bounded by the machine, not by the number of servers)"
+        f"efficiency = req/s / (n x req/s with one server).  machine = {cores} cores / all CPU "
+        "per request (client included): the most this box can do.  server layer = n / server "
+        "CPU per request: what n servers could do with a core each and enough directors and "
+        "clients in front (a model from measured CPU, not a measured rate)."
     )
     print("\nLock-service messages per second (dlm.status messages_sent, all servers)")
     for k, v in out["dlm"].items():
