@@ -478,6 +478,7 @@ class LockAgent:
             raise err
         loop = asyncio.get_running_loop()
         fut = h._fut = loop.create_future()
+        new_request = h.state == H_PENDING
         timer = None
         if self.deadlock_wait is not None:
             timer = loop.call_later(self.deadlock_wait, self._start_search, h)
@@ -496,6 +497,10 @@ class LockAgent:
             if not fut.done():
                 h.abandoned = True
                 self._cancel(h, "cancelled")
+            elif new_request and h.state == H_GRANTED and h.error is None:
+                # granted, but the caller was cancelled before it could see the handle:
+                # nobody will ever release it, so give it back now
+                self._release(h)
             raise
         finally:
             if timer is not None:

@@ -432,7 +432,7 @@ class Server:
         epoch = view.get("membership_epoch")
         if self.agent is None or epoch is None or epoch <= self._dlm_epoch:
             return
-        members = {
+        members = view.get("dlm_members") or {
             f"{m['id']}~{m['incarnation']}": m["address"]
             for m in view["members"]
             if m["role"] == "server" and m["state"] in ("alive", "draining")
@@ -1066,6 +1066,8 @@ class Server:
             "lease_valid": self.lease_valid(),
             "serving": sorted(p for p, h in self.hosts.items() if h.serving),
             "recovering": sorted(p for p, h in self.hosts.items() if h.status == "recovering"),
+            "acquiring": sorted(self.acquiring),
+            "releasing": sorted(self.releasing),
             "epochs": {str(p): h.epoch for p, h in self.hosts.items()},
             "objects": sum(h.state.object_count() for h in self.hosts.values()),
             "requests": self.requests,

@@ -282,3 +282,31 @@ async def test_join_moves_directory_but_keeps_mastership() -> None:
     await h.release()
     hc = await asyncio.wait_for(t, 2)
     assert hc.value_valid and hc.previous_holder_died is None
+
+
+async def test_cancelled_after_grant_gives_the_lock_back() -> None:
+    """A caller cancelled in the instant between the grant and its resumption never sees
+    the handle; the agent must release that lock or it is held forever."""
+    import asyncio as aio
+
+    from cohort.dlm import LockAgent, MemoryNetwork, Mode
+
+    net = MemoryNetwork()
+    a, b = LockAgent("a", net.transport("a")), LockAgent("b", net.transport("b"))
+    for x in (a, b):
+        x.set_membership(1, {"a": "", "b": ""})
+    holder = await a.lock("r", Mode.EX)
+    waiter = aio.ensure_future(b.lock("r", Mode.EX))
+    await aio.sleep(0.05)  # b's request is queued behind a's lock
+    await holder.release()
+    # let the grant reach b's future, then cancel b's task before it resumes
+    for _ in range(50):
+        h = next(iter(b.handles.values()), None)
+        if h is not None and h._fut is not None and h._fut.done():
+            break
+        await aio.sleep(0)
+    waiter.cancel()
+    with __import__("contextlib").suppress(aio.CancelledError):
+        await waiter
+    again = await aio.wait_for(a.lock("r", Mode.EX), 2)  # would hang if b leaked it
+    await again.release()
