@@ -70,6 +70,13 @@ def test_skewed_load_moves_a_hot_partition(tmp_path: Path) -> None:
                 what="a hot partition moved to server-2",
             )
             moved_after = time.monotonic() - t0
+            # balanced now (one hot partition per server): nothing more moves
+            wait_for(lambda: view(cluster)["load"]["moves"] >= 2, timeout=5, what="swap done")
+            moves = view(cluster)["load"]["moves"]
+            watch_until = time.monotonic() + 4.0
+            while time.monotonic() < watch_until:
+                assert view(cluster)["load"]["moves"] == moves, "load moves kept going"
+                time.sleep(0.3)
         finally:
             stop.set()
             for t in threads:
@@ -77,7 +84,7 @@ def test_skewed_load_moves_a_hot_partition(tmp_path: Path) -> None:
         v = view(cluster)
         owners = [p[0] for p in v["partitions"]]
         print(f"\nhot partition moved after {moved_after:.1f} s; loads {v['load']}")
-        assert v["load"]["moves"] >= 1
+        assert v["load"]["moves"] == 2  # one swap, then still
         assert sorted(owners[p] for p in hot) == ["server-1", "server-2"]  # one each now
         assert owners.count("server-1") == owners.count("server-2") == 4  # a swap
         assert errors == []
