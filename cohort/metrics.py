@@ -368,6 +368,29 @@ class ServerMetrics(_Base):
         ).set_function(
             lambda: float(sum(h.state.object_count() for h in list(server.hosts.values())))
         )
+        self.registry.register(_DlmCollector(server))
+
+
+class _DlmCollector(Collector):
+    """Lock-service traffic of this server's agent, read at scrape time.  ``rate()`` of
+    ``cohort_dlm_messages_sent_total`` is the lock message rate (0 in steady state); it
+    restarts from 0 when the server re-joins (a new agent), which ``rate()`` handles."""
+
+    def __init__(self, server: Any) -> None:
+        self.server = server
+
+    def collect(self) -> Iterable[CounterMetricFamily]:
+        t = getattr(self.server, "dlm_transport", None)
+        yield CounterMetricFamily(
+            "cohort_dlm_messages_sent",
+            "Lock-service messages sent by this server's lock agent (this incarnation).",
+            value=float(getattr(t, "messages", 0) if t is not None else 0),
+        )
+        yield CounterMetricFamily(
+            "cohort_dlm_bytes_sent",
+            "Bytes of lock-service messages sent by this server's lock agent.",
+            value=float(getattr(t, "bytes", 0) if t is not None else 0),
+        )
 
 
 class InstrumentedStore:

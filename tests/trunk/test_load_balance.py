@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 from cohort.partitioning import partition_of
@@ -88,5 +89,10 @@ def test_skewed_load_moves_a_hot_partition(tmp_path: Path) -> None:
         assert sorted(owners[p] for p in hot) == ["server-1", "server-2"]  # one each now
         assert owners.count("server-1") == owners.count("server-2") == 4  # a swap
         assert errors == []
+        # the hand-over work is visible in metrics: lock messages, checkpoint bytes read
+        meta = next(m["meta"] for m in v["members"] if m["id"] == "server-2")
+        text = urllib.request.urlopen(f"http://{meta['metrics']}/metrics", timeout=5).read()
+        assert b"cohort_dlm_messages_sent_total" in text
+        assert b'cohort_store_bytes_total{direction="read",kind="ckpt"}' in text
     finally:
         cluster.stop()
