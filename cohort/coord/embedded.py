@@ -26,7 +26,7 @@ from typing import Any
 
 import msgspec
 
-from cohort.coord.state import CoordinatorError, CoordinatorState, LoadPolicy
+from cohort.coord.state import CapacityRule, CoordinatorError, CoordinatorState, LoadPolicy
 from cohort.logs import setup_logging
 from cohort.metrics import CoordinatorMetrics, start_metrics_server
 from cohort.rpc import RpcError, RpcServer
@@ -64,6 +64,7 @@ class EmbeddedCoordinator:
         lease_ttl: float = 2.5,
         failback: str = "immediate",
         load_policy: LoadPolicy | None = None,
+        capacity_schedule: list[CapacityRule] | None = None,
     ) -> None:
         data_dir.mkdir(parents=True, exist_ok=True)
         self.store = SqlitePersistence(data_dir / "coordinator.sqlite")
@@ -78,6 +79,7 @@ class EmbeddedCoordinator:
             log.info("restored coordinator state (version %d)", self.state.version)
         if load_policy is not None:
             self.state.load_policy = load_policy
+        self.state.capacity_schedule = list(capacity_schedule or [])
         self.persisted_version = self.state.version
         self.changed = asyncio.Condition()
         self.rpc = RpcServer()
@@ -244,6 +246,7 @@ async def serve(args: argparse.Namespace) -> None:
             cooldown=args.load_cooldown,
             min_rate=args.load_min_rate,
         ),
+        capacity_schedule=[CapacityRule.parse(r) for r in args.capacity_schedule],
     )
     port = await coord.start(args.host, args.port)
     stop = asyncio.Event()
@@ -288,6 +291,13 @@ def main(argv: list[str] | None = None) -> None:
     )
     g.add_argument(
         "--load-min-rate", type=float, default=d.min_rate, help="ignore load below this req/s"
+    )
+    ap.add_argument(
+        "--capacity-schedule",
+        action="append",
+        default=[],
+        metavar="PATTERN@HH-HH=CAPACITY",
+        help="scheduled capacity (follow-the-sun), e.g. 'server-eu-*@08-18=2'; repeatable",
     )
     ap.add_argument("--log-file", default=None)
     args = ap.parse_args(argv)

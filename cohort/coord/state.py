@@ -33,6 +33,7 @@ Rules it enforces
 
 from __future__ import annotations
 
+import fnmatch
 import re
 import time
 import uuid
@@ -74,6 +75,38 @@ class LoadPolicy:
     smoothing: float = 0.5  # EWMA weight of the newest per-partition rate
 
 
+@dataclass(frozen=True)
+class CapacityRule:
+    """Scheduled capacity (seed 002's follow-the-sun): servers whose id matches the shell
+    pattern ``member`` count with ``capacity`` during the daily ``HH-HH`` window (local
+    time; ``22-06`` wraps midnight).  The first matching rule wins; outside every window
+    a server has the capacity it joined with."""
+
+    member: str
+    hours: str
+    capacity: float
+
+    @classmethod
+    def parse(cls, text: str) -> CapacityRule:
+        """``PATTERN@HH-HH=CAPACITY``, e.g. ``server-eu-*@08-18=2``."""
+        member, _, rest = text.partition("@")
+        hours, _, cap = rest.partition("=")
+        if not member or not _WINDOW.match(hours) or not cap:
+            raise ValueError(f"capacity rule must be PATTERN@HH-HH=CAPACITY, not {text!r}")
+        return cls(member, hours, float(cap))
+
+    def active(self, member_id: str, hour: int) -> bool:
+        if not fnmatch.fnmatchcase(member_id, self.member):
+            return False
+        return _in_window(self.hours, hour)
+
+
+def _in_window(window: str, hour: int) -> bool:
+    start, _, end = window.partition("-")
+    lo, hi = int(start), int(end)
+    return lo <= hour < hi if lo <= hi else (hour >= lo or hour < hi)
+
+
 class Partition(msgspec.Struct):
     owner: str | None = None
     epoch: int = 0
@@ -112,6 +145,8 @@ class CoordinatorState:
             raise ValueError(f"failback policy must be immediate, never or HH-HH, not {failback!r}")
         self.failback = failback
         self.clock = time.time  # wall clock for failback windows (injectable in tests)
+        self.capacity_schedule: list[CapacityRule] = []
+        self._scheduled: dict[str, float] = {}  # capacities in force, to log changes
         self.partition_count = partitions
         self.lease_ttl = lease_ttl
         self.members: dict[str, Member] = {}
@@ -284,10 +319,16 @@ class CoordinatorState:
         if self.failback == "never":
             return False
         # "HH-HH": a daily window in local time, as MSCS allows
-        start, _, end = self.failback.partition("-")
-        hour = time.localtime(self.clock()).tm_hour
-        lo, hi = int(start), int(end)
-        return lo <= hour < hi if lo <= hi else (hour >= lo or hour < hi)
+        return _in_window(self.failback, time.localtime(self.clock()).tm_hour)
+
+    def capacity_of(self, m: Member) -> float:
+        """``m``'s capacity now: a scheduled one if a rule's window is open, else its own."""
+        if self.capacity_schedule:
+            hour = time.localtime(self.clock()).tm_hour
+            for r in self.capacity_schedule:
+                if r.active(m.id, hour):
+                    return r.capacity
+        return m.capacity
 
     def rebalance(self, now: float) -> None:
         """Assign orphaned partitions and even out the load.
@@ -308,7 +349,12 @@ class CoordinatorState:
         standby = [m for m in servers if m.standby]
         live_ids = {m.id for m in servers}
         counts: dict[str, int] = {m.id: 0 for m in servers}
-        cap = {m.id: max(m.capacity, 0.01) for m in servers}
+        cap = {m.id: max(self.capacity_of(m), 0.01) for m in servers}
+        if self.capacity_schedule:
+            now_caps = {m.id: c for m in servers if (c := self.capacity_of(m)) != m.capacity}
+            if now_caps != self._scheduled:
+                self._scheduled = now_caps
+                self._changed("capacity-schedule", repr(now_caps))
         for p in self.partitions:
             if p.owner in live_ids:
                 counts[p.owner] += 1

@@ -8,9 +8,12 @@ several evaluations, a few moves per decision, a cooldown per partition).
 from __future__ import annotations
 
 import random
+import time
 from collections import Counter
 
-from cohort.coord.state import CoordinatorState
+import pytest
+
+from cohort.coord.state import CapacityRule, CoordinatorState
 
 
 def cluster(n: int, P: int = 32, **caps: float) -> CoordinatorState:
@@ -164,3 +167,39 @@ def test_load_is_soft_state() -> None:
     assert s.version == v  # load reports do not bump the version (nothing to persist)
     restored = CoordinatorState.restore(s.snapshot(), lease_ttl=2.0)
     assert restored.part_rate == {}
+
+
+def test_capacity_schedule_follows_the_sun() -> None:
+    s = cluster(2, P=32)
+    hour = [3]
+
+    def clock() -> float:
+        t = list(time.localtime())
+        t[3] = hour[0]
+        return time.mktime(time.struct_time(t))
+
+    s.clock = clock
+    s.capacity_schedule = [CapacityRule.parse("s1@08-18=3")]
+    s.tick(1.0)
+    assert Counter(p.owner for p in s.partitions) == {"s1": 16, "s2": 16}  # night: even
+    hour[0] = 9  # s1's day: it counts three times
+    s.tick(2.0)
+    assert Counter(p.owner for p in s.partitions) == {"s1": 24, "s2": 8}
+    assert s.events[-1].kind == "rebalance"
+    assert any(e.kind == "capacity-schedule" for e in s.events)
+    v = s.version
+    s.tick(3.0)
+    assert s.version == v  # stable inside the window
+    hour[0] = 18  # the window closes
+    s.tick(4.0)
+    assert Counter(p.owner for p in s.partitions) == {"s1": 16, "s2": 16}
+
+
+def test_capacity_rule_parsing() -> None:
+    r = CapacityRule.parse("server-eu-*@22-06=0.5")
+    assert r == CapacityRule("server-eu-*", "22-06", 0.5)
+    assert r.active("server-eu-1", 23) and r.active("server-eu-1", 5)
+    assert not r.active("server-eu-1", 12) and not r.active("server-us-1", 23)
+    for bad in ("x", "s1@8=2", "s1@08-18", "@08-18=2", "s1@25-3=1"):
+        with pytest.raises(ValueError):
+            CapacityRule.parse(bad)
