@@ -24,9 +24,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from loadgen import Target, run_load  # noqa: E402
+from loadgen import Target, cluster_target, run_load
 
-from cohort.cluster import LocalCluster, _read_ready  # noqa: E402
+from cohort.cluster import LocalCluster, _read_ready
 
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -60,7 +60,9 @@ def measure(t: Target, pids: dict[str, int], op: str, size: int, n: int) -> dict
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--requests", type=int, default=3000)
     ap.add_argument("--size", type=int, default=4096)
     ap.add_argument("--json", default=None)
@@ -69,22 +71,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="cohort-cost-") as tmp:
         cluster = LocalCluster(Path(tmp) / "c", port=0).start()
         try:
-            import boto3
-
-            s3 = boto3.client("s3", endpoint_url=cluster.s3_endpoint, region_name="us-east-1",
-                              aws_access_key_id=cluster.creds["access_key"],
-                              aws_secret_access_key=cluster.creds["secret_key"])
-            deadline = time.monotonic() + 30
-            while True:
-                try:
-                    s3.create_bucket(Bucket="cost")
-                    break
-                except Exception:
-                    if time.monotonic() > deadline:
-                        raise
-                    time.sleep(0.2)
-            t = Target(cluster.s3_endpoint, cluster.creds["access_key"], cluster.creds["secret_key"], "cost")
-            pids = {"director": cluster.procs["director-1"].pid, "coordinator": cluster.procs["coordinator"].pid}
+            t = cluster_target(cluster, "cost")
+            pids = {
+                "director": cluster.procs["director-1"].pid,
+                "coordinator": cluster.procs["coordinator"].pid,
+            }
             server_pids = {k: p.pid for k, p in cluster.procs.items() if p.role == "server"}
             for op in ("PUT", "GET"):
                 r = measure(t, {**pids, **server_pids}, op, args.size, args.requests)
@@ -93,27 +84,38 @@ def main() -> None:
                 results.setdefault("cohort", {})[op] = r
         finally:
             cluster.stop()
-        base = subprocess.Popen([sys.executable, str(Path(__file__).with_name("baseline_server.py")),
-                                 str(Path(tmp) / "b")], stdout=subprocess.PIPE)
+        base = subprocess.Popen(
+            [
+                sys.executable,
+                str(Path(__file__).with_name("baseline_server.py")),
+                str(Path(tmp) / "b"),
+            ],
+            stdout=subprocess.PIPE,
+        )
         try:
             addr = _read_ready(base, "baseline", 20)
             bt = Target(f"http://{addr}", "x", "y", "cost")
             for op in ("PUT", "GET"):
-                results.setdefault("baseline", {})[op] = measure(bt, {"server": base.pid}, op, args.size,
-                                                                 args.requests)
+                results.setdefault("baseline", {})[op] = measure(
+                    bt, {"server": base.pid}, op, args.size, args.requests
+                )
         finally:
             base.terminate()
             base.wait()
     print(f"\nCPU microseconds per request, {args.size}-byte objects (lower is better)")
-    print(f"{'op':<4} | {'director':>9} {'servers':>9} {'coord':>7} {'total':>9} | {'baseline':>9} | "
-          f"{'ratio':>6} | {'client':>7} | kernel share: director, servers, baseline")
+    print(
+        f"{'op':<4} | {'director':>9} {'servers':>9} {'coord':>7} {'total':>9} | {'baseline':>9} | "
+        f"{'ratio':>6} | {'client':>7} | kernel share: director, servers, baseline"
+    )
     for op in ("PUT", "GET"):
         c = results["cohort"][op]
         b = results["baseline"][op]
         total = c["director"] + c["servers"] + c["coordinator"]
-        print(f"{op:<4} | {c['director']:>9.0f} {c['servers']:>9.0f} {c['coordinator']:>7.0f} {total:>9.0f} | "
-              f"{b['server']:>9.0f} | {total / b['server']:>6.2f} | {c['client']:>7.0f} | "
-              f"{c['director_sys']:.0f}, {c['servers_sys']:.0f}, {b['server_sys']:.0f}")
+        print(
+            f"{op:<4} | {c['director']:>9.0f} {c['servers']:>9.0f} {c['coordinator']:>7.0f} {total:>9.0f} | "
+            f"{b['server']:>9.0f} | {total / b['server']:>6.2f} | {c['client']:>7.0f} | "
+            f"{c['director_sys']:.0f}, {c['servers_sys']:.0f}, {b['server_sys']:.0f}"
+        )
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
 

@@ -89,8 +89,11 @@ async def _worker(
                         if resp.status != 200:
                             errors += 1
                             if errors <= 3:
-                                print(f"loadgen: {method} {key} -> {resp.status}: "
-                                      f"{(await resp.read())[:200]!r}", flush=True)
+                                print(
+                                    f"loadgen: {method} {key} -> {resp.status}: "
+                                    f"{(await resp.read())[:200]!r}",
+                                    flush=True,
+                                )
                         else:
                             done += 1
                             lat.append(time.perf_counter() - t0)
@@ -144,3 +147,27 @@ def run_load(
     p99 = lat[int(len(lat) * 0.99)] * 1000 if lat else 0.0
     # elapsed includes process start-up; use the configured duration for the rate
     return LoadResult(op, size, done, errors, min(elapsed, duration), cpu, p50, p99)
+
+
+def cluster_target(cluster: Any, bucket: str, timeout: float = 30.0) -> Target:
+    """Create ``bucket`` on a just-started :class:`~cohort.cluster.LocalCluster` (retrying
+    while its partitions are still being assigned) and return the load target."""
+    import boto3
+
+    s3 = boto3.client(
+        "s3", endpoint_url=cluster.s3_endpoint, region_name="us-east-1",
+        aws_access_key_id=cluster.creds["access_key"],
+        aws_secret_access_key=cluster.creds["secret_key"],
+    )  # fmt: skip
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            s3.create_bucket(Bucket=bucket)
+            break
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+    return Target(
+        cluster.s3_endpoint, cluster.creds["access_key"], cluster.creds["secret_key"], bucket
+    )

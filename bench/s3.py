@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import aiohttp
-from loadgen import Target, run_load
+from loadgen import Target, cluster_target, run_load
 
 from cohort.cluster import LocalCluster
 from cohort.coord import connect
@@ -189,30 +189,7 @@ def main() -> None:
     ) as tmp:
         cluster = LocalCluster(Path(tmp) / "c", port=0).start()
         try:
-            import boto3
-
-            s3 = boto3.client(
-                "s3",
-                endpoint_url=cluster.s3_endpoint,
-                region_name="us-east-1",
-                aws_access_key_id=cluster.creds["access_key"],
-                aws_secret_access_key=cluster.creds["secret_key"],
-            )
-            deadline = time.monotonic() + 30
-            while True:
-                try:
-                    s3.create_bucket(Bucket="bench")
-                    break
-                except Exception:
-                    if time.monotonic() > deadline:
-                        raise
-                    time.sleep(0.2)
-            t = Target(
-                cluster.s3_endpoint,
-                cluster.creds["access_key"],
-                cluster.creds["secret_key"],
-                "bench",
-            )
+            t = cluster_target(cluster, "bench")
             put = run_load(
                 t,
                 "PUT",

@@ -16,13 +16,12 @@ import json
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from loadgen import LoadResult, Target, run_load
+from loadgen import LoadResult, Target, cluster_target, run_load
 
 from cohort.cluster import LocalCluster, _read_ready
 
@@ -52,30 +51,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="cohort-bench-") as tmp:
         cluster = LocalCluster(Path(tmp) / "cluster", port=0).start()
         try:
-            import boto3
-
-            deadline = time.monotonic() + 30
-            s3 = boto3.client(
-                "s3",
-                endpoint_url=cluster.s3_endpoint,
-                region_name="us-east-1",
-                aws_access_key_id=cluster.creds["access_key"],
-                aws_secret_access_key=cluster.creds["secret_key"],
-            )
-            while True:
-                try:
-                    s3.create_bucket(Bucket="bench")
-                    break
-                except Exception:
-                    if time.monotonic() > deadline:
-                        raise
-                    time.sleep(0.2)
-            t = Target(
-                cluster.s3_endpoint,
-                cluster.creds["access_key"],
-                cluster.creds["secret_key"],
-                "bench",
-            )
+            t = cluster_target(cluster, "bench")
             cohort = bench_target(t, args)
         finally:
             cluster.stop()

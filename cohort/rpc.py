@@ -288,15 +288,7 @@ class RpcClient:
         Raises :class:`RpcError` (the remote handler's error), :class:`RpcTimeout` or
         :class:`RpcConnectionError`.
         """
-        writer = await self._ensure_connected()
-        rid = next(self._ids)
-        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._pending[rid] = fut
-        try:
-            writer.write(encode_frame([_REQUEST, rid, method, params]))
-        except Exception:
-            self._pending.pop(rid, None)
-            raise
+        rid, fut = await self.send(method, params)
         try:
             return await asyncio.wait_for(fut, timeout)
         except TimeoutError:

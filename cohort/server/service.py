@@ -790,6 +790,18 @@ class Server:
             raise RpcError("NotOwner", f"partition {p} is {h.status} on {self.id}")
         return h
 
+    def _owned(self, parts: list[int]) -> tuple[list[PartitionHost], list[int]]:
+        """The hosts of ``parts`` served here, and the partitions that are not (for
+        scatter-gather RPCs: the director retries those elsewhere)."""
+        hosts: list[PartitionHost] = []
+        not_owned: list[int] = []
+        for p in parts:
+            try:
+                hosts.append(self._host_for(p))
+            except RpcError:
+                not_owned.append(p)
+        return hosts, not_owned
+
     def _partition(self, params: dict[str, Any]) -> int:
         return partition_of(params["b"], params["k"], self.partition_count)
 
@@ -881,12 +893,9 @@ class Server:
         not_owned: list[int] = []
         limit = int(params.get("limit", 1000))
         iters = []
-        for p in params["parts"]:
-            try:
-                h = self._host_for(p)
-            except RpcError:
-                not_owned.append(p)
-                continue
+        hosts, owned_not = self._owned(params["parts"])
+        not_owned.extend(owned_not)
+        for h in hosts:
             iters.append(
                 h.state.iter_list(
                     params["b"],
@@ -931,12 +940,9 @@ class Server:
     async def rpc_bucket_count(self, params: dict[str, Any]) -> dict[str, Any]:
         total = 0
         not_owned: list[int] = []
-        for p in params["parts"]:
-            try:
-                h = self._host_for(p)
-            except RpcError:
-                not_owned.append(p)
-                continue
+        hosts, owned_not = self._owned(params["parts"])
+        not_owned.extend(owned_not)
+        for h in hosts:
             total += h.state.count(params["b"])
         return {"count": total, "not_owned": not_owned}
 
@@ -948,12 +954,9 @@ class Server:
         not_owned: list[int] = []
         waits: list[Awaitable[None]] = []
         t = time.time()
-        for p in params["parts"]:
-            try:
-                h = self._host_for(p)
-            except RpcError:
-                not_owned.append(p)
-                continue
+        hosts, owned_not = self._owned(params["parts"])
+        not_owned.extend(owned_not)
+        for h in hosts:
             dropped += h.state.count(params["b"])
             waits.append(self._commit(h, {"op": "drop", "b": params["b"], "t": t}))
         await asyncio.gather(*waits)
@@ -1034,12 +1037,9 @@ class Server:
         out: list[Any] = []
         not_owned: list[int] = []
         prefix = params.get("prefix", "")
-        for p in params["parts"]:
-            try:
-                h = self._host_for(p)
-            except RpcError:
-                not_owned.append(p)
-                continue
+        hosts, owned_not = self._owned(params["parts"])
+        not_owned.extend(owned_not)
+        for h in hosts:
             for uid, up in h.state.uploads.get(params["b"], {}).items():
                 if up.key.startswith(prefix):
                     out.append([up.key, uid, up.initiated])
