@@ -6,7 +6,9 @@ backend implement the same methods with the same semantics:
 * ``join`` returns ``{"incarnation", "lease_ttl", "view"}``; the member must then call
   ``heartbeat`` well within ``lease_ttl`` or be declared dead (its partitions move).
 * ``heartbeat`` raises ``RpcError("UnknownMember")`` once the member was declared dead:
-  it must stop serving and re-join.
+  it must stop serving and re-join.  A server may pass ``load``, its per-partition
+  ``[partition, requests/s, bytes/s]`` rows, for load-aware rebalancing (a backend that
+  does not balance by load ignores it).
 * ``watch(since)`` returns the view as soon as its ``version`` exceeds ``since``, or the
   current view after ``timeout`` seconds.
 * ``acquire_partition`` grants the lock ``partition/p`` (EX) to the map's owner and returns
@@ -25,7 +27,9 @@ from typing import Any, Protocol
 
 class Coordinator(Protocol):
     async def join(self, member: dict[str, Any]) -> dict[str, Any]: ...
-    async def heartbeat(self, member_id: str, incarnation: str) -> dict[str, Any]: ...
+    async def heartbeat(
+        self, member_id: str, incarnation: str, load: list[list[float]] | None = None
+    ) -> dict[str, Any]: ...
     async def leave(self, member_id: str, incarnation: str) -> None: ...
     async def view(self) -> dict[str, Any]: ...
     async def watch(self, since: int, timeout: float = 5.0) -> dict[str, Any]: ...

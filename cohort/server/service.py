@@ -37,7 +37,6 @@ import msgspec
 
 from cohort.coord import connect
 from cohort.coord.base import Coordinator
-from cohort.coord.client import RpcCoordinator
 from cohort.dlm import Handle, LockAgent, Mode, TcpTransport
 from cohort.dlm.client import ClientService
 from cohort.dlm.errors import DlmError
@@ -314,12 +313,7 @@ class Server:
             await asyncio.sleep(interval)
             t_send = time.monotonic()
             try:
-                if isinstance(self.coord, RpcCoordinator):  # carries load (etcd: not yet)
-                    r = await self.coord.heartbeat(
-                        self.id, self.incarnation, load=self._load_report()
-                    )
-                else:
-                    r = await self.coord.heartbeat(self.id, self.incarnation)
+                r = await self.coord.heartbeat(self.id, self.incarnation, load=self._load_report())
                 self.metrics.lease_renewals.inc()
                 # Only a reply proves the lease was renewed, and only from when we sent it.
                 self.lease_deadline = max(
