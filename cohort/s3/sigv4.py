@@ -225,8 +225,14 @@ def has_auth(query: Iterable[tuple[str, str]], headers: Mapping[str, str]) -> bo
 
 
 def _parse_amz_date(value: str, code: str) -> datetime:
+    # ``yyyymmddTHHMMSSZ``, parsed by hand: strptime costs ~100 us on every request
     try:
-        return datetime.strptime(value, _AMZ_DATE_FMT).replace(tzinfo=UTC)
+        if len(value) != 16 or value[8] != "T" or value[15] != "Z":
+            raise ValueError(value)
+        return datetime(
+            int(value[0:4]), int(value[4:6]), int(value[6:8]),
+            int(value[9:11]), int(value[11:13]), int(value[13:15]), tzinfo=UTC,
+        )  # fmt: skip
     except ValueError:
         raise S3Error(code, f"Invalid date format: {value!r}") from None
 
