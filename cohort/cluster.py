@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from cohort.chaos.proxy_thread import ProxyLoop, ThreadedFaultProxy
 from cohort.tenants import load_or_create_master_key
 
 
@@ -107,7 +108,15 @@ class LocalCluster:
         server_args: list[str] | None = None,
         director_args: list[str] | None = None,
         coordinator_args: list[str] | None = None,
+        proxies: bool = False,
     ) -> None:
+        # proxies=True: a FaultProxy (cohort.chaos) in front of every server and of the
+        # embedded coordinator; servers advertise their proxy, and every member dials the
+        # coordinator's, so director->server, server->server (DLM) and member->coordinator
+        # traffic crosses them.  ``self.proxies`` maps member id -> proxy.
+        self.use_proxies = proxies
+        self.proxies: dict[str, ThreadedFaultProxy] = {}
+        self._ploop: ProxyLoop | None = None
         # extra flags for the embedded coordinator (e.g. ``--load-cooldown 5``)
         self.coordinator_args = list(coordinator_args or [])
         # extra command-line flags for every server / director (e.g. ``--domain``)
@@ -151,7 +160,31 @@ class LocalCluster:
                     "cohort", partitions=self.partitions, lease_ttl=math.ceil(self.lease_ttl)
                 )
             )
+        proxy = self.proxies.get("coordinator")
+        if proxy is not None:
+            return proxy.address
         return self.procs["coordinator"].address
+
+    @property
+    def coordinator_direct(self) -> str:
+        """The coordinator's own address (not through its proxy), for the launcher."""
+        if self.etcd is not None or "coordinator" not in self.procs:
+            return self.coordinator_address
+        return self.procs["coordinator"].address
+
+    def _proxy(self, member_id: str, target: str) -> ThreadedFaultProxy:
+        """Start (or return) the proxy in front of ``member_id``, forwarding to ``target``."""
+        if member_id in self.proxies:
+            return self.proxies[member_id]
+        if self._ploop is None:
+            self._ploop = ProxyLoop()
+        host, _, port = target.rpartition(":")
+        proxy = ThreadedFaultProxy(
+            self._ploop, self.host, 0, target_host=host or self.host, target_port=int(port)
+        )
+        proxy.start_sync()
+        self.proxies[member_id] = proxy
+        return proxy
 
     @property
     def s3_endpoint(self) -> str:
@@ -204,6 +237,8 @@ class LocalCluster:
         )
         self.procs[coord.id] = coord
         self._spawn(coord)
+        if self.use_proxies:
+            self._proxy("coordinator", coord.address)
         return self._start_members()
 
     def _start_members(self) -> LocalCluster:
@@ -219,6 +254,11 @@ class LocalCluster:
     def add_server(
         self, sid: str, *, write: bool = True, capacity: float = 1.0, standby: bool = False
     ) -> Proc:
+        advertise: list[str] = []
+        if self.use_proxies:
+            # the server's port is not known yet: dial nothing until it is (port 0 is
+            # refused, which peers see as a server still starting)
+            advertise = ["--advertise", self._proxy(sid, f"{self.host}:0").address]
         proc = Proc(
             "server",
             sid,
@@ -235,11 +275,13 @@ class LocalCluster:
                 "--capacity",
                 str(capacity),
                 *(["--standby"] if standby else []),
+                *advertise,
                 *self.server_args,
             ],
         )
         self.procs[sid] = proc
         self._spawn(proc)
+        self._retarget(proc)
         if write:
             self.write_cluster_json()
         return proc
@@ -271,6 +313,12 @@ class LocalCluster:
         self._spawn(proc)
         return proc
 
+    def _retarget(self, proc: Proc) -> None:
+        proxy = self.proxies.get(proc.id)
+        if proxy is not None and proc.role == "server":
+            host, _, port = proc.address.rpartition(":")
+            proxy.retarget(host, int(port))
+
     def metrics_urls(self) -> dict[str, str]:
         """Each member's Prometheus endpoint, as it reported it to the coordinator (servers
         and the coordinator use a side port; directors serve ``/_cohort/metrics``)."""
@@ -279,7 +327,7 @@ class LocalCluster:
         from cohort.coord import connect
 
         async def get_view() -> dict[str, Any]:
-            c = connect(self.coordinator_address)
+            c = connect(self.coordinator_direct)
             try:
                 return await c.view()
             finally:
@@ -359,6 +407,13 @@ class LocalCluster:
                     p.popen.stdout.close()
         if self.etcd is not None:
             self.etcd.stop()
+        for proxy in self.proxies.values():
+            with contextlib.suppress(Exception):
+                proxy.close_sync()
+        self.proxies.clear()
+        if self._ploop is not None:
+            self._ploop.stop()
+            self._ploop = None
 
     # -- fault injection helpers (tests, chaos) ------------------------------------------
     def signal(self, member_id: str, sig: int) -> None:
@@ -387,6 +442,7 @@ class LocalCluster:
             idx = p.args.index("--coordinator")
             p.args[idx + 1] = self.coordinator_address
         self._spawn(p)
+        self._retarget(p)
         self.write_cluster_json()
         return p
 

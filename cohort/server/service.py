@@ -145,8 +145,13 @@ class Server:
         port: int = 0,
         capacity: float = 1.0,
         standby: bool = False,
+        advertise: str | None = None,
     ) -> None:
         self.id = member_id
+        # the address peers and directors are told to dial (default: where we listen);
+        # a fault proxy in front of this server advertises its own
+        self.advertise = advertise
+        self.listen_address = ""
         self.metrics = ServerMetrics(member_id)
         self.metrics_address = ""
         self._metrics_runner: Any = None
@@ -212,7 +217,8 @@ class Server:
     # -- lifecycle -------------------------------------------------------------------------
     async def start(self) -> str:
         port = await self.rpc.start(*self.bind)
-        self.address = f"{self.bind[0]}:{port}"
+        self.listen_address = f"{self.bind[0]}:{port}"
+        self.address = self.advertise or self.listen_address
         self._metrics_runner, self.metrics_address = await start_metrics_server(
             self.metrics, self.bind[0]
         )
@@ -1079,11 +1085,12 @@ async def serve(args: argparse.Namespace) -> None:
         port=args.port,
         capacity=args.capacity,
         standby=args.standby,
+        advertise=args.advertise,
     )
     server.upload_expiry = args.upload_expiry_seconds
     server.orphan_age = args.orphan_age_seconds
-    address = await server.start()
-    print(f"READY {address}", flush=True)
+    await server.start()
+    print(f"READY {server.listen_address}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -1106,6 +1113,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--port", type=int, default=0)
     ap.add_argument("--capacity", type=float, default=1.0)
     ap.add_argument("--standby", action="store_true")
+    ap.add_argument(
+        "--advertise",
+        metavar="HOST:PORT",
+        default=None,
+        help="address to give the coordinator for peers and directors to dial "
+        "(default: the listening address), e.g. a proxy in front of this server",
+    )
     ap.add_argument(
         "--upload-expiry-seconds",
         type=float,
