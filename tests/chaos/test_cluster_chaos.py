@@ -141,7 +141,7 @@ def test_coordinator_outage_longer_than_lease_recovers(tmp_path: Path) -> None:
         time.sleep(3.5)  # the fault itself: longer than the 2.5 s lease
         c.proxies["coordinator"].pass_through()
         deadline = time.monotonic() + 20
-        ok = set()
+        ok: set[int] = set()
         while time.monotonic() < deadline and len(ok) < 16:
             for i in range(16):
                 try:
