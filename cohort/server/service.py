@@ -1074,8 +1074,27 @@ class Server:
         }
 
 
+def _faulty(store: Store, spec: str) -> Store:
+    """``--faulty-store SEED[:RATE]``: wrap ``store`` in the chaos harness's FaultyStore,
+    failing about RATE (default 0.02) of the writes on a seeded schedule: EIO before or
+    after the write, ENOSPC, slow fsync."""
+    from cohort.chaos.faulty_store import FaultSchedule, FaultyStore
+
+    seed, _, rate_s = spec.partition(":")
+    rate = float(rate_s or 0.02)
+    schedule = FaultSchedule(
+        seed=int(seed), eio=rate * 0.3, eio_after=rate * 0.1, enospc=rate * 0.2,
+        slow=rate * 0.4, slow_seconds=0.3,
+    )  # fmt: skip
+    log.warning("storage faults injected: seed %s, %.1f%% of writes", seed, rate * 100)
+    return FaultyStore(store, schedule=schedule)
+
+
 async def serve(args: argparse.Namespace) -> None:
-    store = LocalStore(args.storage)
+    store: Store = LocalStore(args.storage)
+    spec = args.faulty_store or os.environ.get("COHORT_FAULTY_STORE")
+    if spec:
+        store = _faulty(store, spec)
     coord = connect(args.coordinator)
     server = Server(
         args.id,
@@ -1131,6 +1150,13 @@ def main(argv: list[str] | None = None) -> None:
         type=float,
         default=ORPHAN_AGE,
         help="delete blobs that nothing references after this long (default 1 hour)",
+    )
+    ap.add_argument(
+        "--faulty-store",
+        metavar="SEED[:RATE]",
+        default=None,
+        help="chaos testing only: fail about RATE (0.02) of storage writes with EIO/ENOSPC/"
+        "slow fsync on a seeded schedule (also env COHORT_FAULTY_STORE)",
     )
     ap.add_argument("--log-file", default=None)
     args = ap.parse_args(argv)

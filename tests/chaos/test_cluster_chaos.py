@@ -116,6 +116,28 @@ async def test_chaos_with_proxies_between_components(tmp_path: Path) -> None:
     assert rep.status == "pass", _show(rep, tmp_path)
 
 
+async def test_chaos_with_storage_faults(tmp_path: Path) -> None:
+    """Every server's store is a seeded FaultyStore (``--faulty-store SEED:RATE``): EIO
+    before/after the write, ENOSPC and slow fsyncs on ~4% of writes, log appends included
+    (the server stops serving the partition and recovers).  Plus a few pauses."""
+    c = await asyncio.to_thread(
+        _start, tmp_path / "cluster", server_args=["--faulty-store", "17:0.04"]
+    )
+    try:
+        info = ClusterInfo.load(c.data_dir)
+        cfg = RunConfig(
+            duration=12, clients=4, keys=3, seed=4, roles=("server",), actions=("pause",),
+            fault_interval=(2.0, 4.0), pause_duration=(1.0, 2.0), settle_timeout=45,
+        )  # fmt: skip
+        rep = await run_chaos(info, cfg, restart=_restart(c))
+    finally:
+        await asyncio.to_thread(c.stop)
+    logs = "".join(Path(p.log).read_text() for p in c.procs.values() if p.role == "server")
+    assert "storage faults injected" in logs
+    assert "log append failed" in logs, "no log append ever failed"
+    assert rep.status == "pass", _show(rep, tmp_path)
+
+
 @pytest.mark.slow
 @pytest.mark.xfail(strict=True, reason="known bug: servers that lost their lease to a "
                    "coordinator outage re-join but never serve their partitions again")
