@@ -18,7 +18,14 @@ from typing import Annotated
 import typer
 
 from cohort.chaos.nemesis import ACTIONS, Member
-from cohort.chaos.runner import ClusterInfo, RunConfig, run_chaos, write_report
+from cohort.chaos.runner import (
+    Boto3KV,
+    ChaosReport,
+    ClusterInfo,
+    RunConfig,
+    run_chaos,
+    write_report,
+)
 
 
 def chaos(
@@ -39,6 +46,19 @@ def chaos(
         int, typer.Option(help="Keys the clients share (small: operations collide).")
     ] = 3,
     partitions: Annotated[int, typer.Option(help="Virtual partitions of the test cluster.")] = 16,
+    locks: Annotated[
+        bool,
+        typer.Option(help="Also run DLM lock clients (lock-safety and fenced-writes checks)."),
+    ] = False,
+    proxies: Annotated[
+        bool,
+        typer.Option(help="Fault proxies in front of servers and the coordinator "
+                     "(add proxy-drop,proxy-delay,proxy-blackhole to --actions)."),
+    ] = False,
+    faulty_store: Annotated[
+        str | None,
+        typer.Option(help="SEED[:RATE]: servers inject storage write faults (EIO/ENOSPC/slow)."),
+    ] = None,
 ) -> None:
     """Run the Jepsen-style fault-injection harness against a fresh local cluster."""
     unknown = set(actions.split(",")) - set(ACTIONS)
@@ -52,7 +72,10 @@ def chaos(
 
     tmp = None if data_dir is not None else tempfile.TemporaryDirectory(prefix="cohort-chaos-")
     root = data_dir if data_dir is not None else Path(tmp.name) if tmp else Path(".")
-    cluster = LocalCluster(root / "cluster", port=0, partitions=partitions).start()
+    cluster = LocalCluster(
+        root / "cluster", port=0, partitions=partitions, proxies=proxies,
+        server_args=["--faulty-store", faulty_store] if faulty_store else None,
+    ).start()  # fmt: skip
     try:
         info = ClusterInfo.load(cluster.data_dir)
         cfg = RunConfig(
@@ -65,7 +88,24 @@ def chaos(
         def restart(m: Member) -> int:
             return int(cluster.restart(m.id).pid)
 
-        report = asyncio.run(run_chaos(info, cfg, restart=restart, out=print))
+        async def run() -> ChaosReport:
+            if not locks:
+                return await run_chaos(
+                    info, cfg, restart=restart, proxies=cluster.proxies or None, out=print
+                )
+            from cohort.chaos.lock_workload import LockWorkload, server_addresses
+
+            lw = LockWorkload(server_addresses(cluster.data_dir), clients=3, seed=seed,
+                              kv_factory=lambda: Boto3KV(info, cfg))  # fmt: skip
+            rep, _ = await asyncio.gather(
+                run_chaos(info, cfg, restart=restart, proxies=cluster.proxies or None,
+                          lock_intervals=lw.intervals, out=print),
+                lw.run(cfg.duration),
+            )  # fmt: skip
+            rep.checks.append(lw.check())
+            return rep
+
+        report = asyncio.run(run())
         path = root / "chaos-report.json"
         write_report(report, path)
         print(report.summary())
