@@ -55,17 +55,28 @@ def _show(rep: ChaosReport, tmp: Path) -> str:
 
 
 async def test_short_chaos_run(cluster: Any, tmp_path: Path) -> None:
-    """kill -9 + restart and SIGSTOP pauses longer than the lease, on servers."""
+    """kill -9 + restart and SIGSTOP pauses longer than the lease, on servers; DLM lock
+    clients run alongside (lock-safety and fenced-writes checks)."""
     info = ClusterInfo.load(cluster.data_dir)
     cfg = RunConfig(
         duration=12, clients=4, keys=3, seed=11, roles=("server",), actions=("kill", "pause"),
         fault_interval=(0.5, 1.5), fault_duration=(1.0, 2.5), pause_duration=(3.0, 4.0),
         settle_timeout=45,
     )  # fmt: skip
-    rep = await run_chaos(info, cfg, restart=_restart(cluster))
+    from cohort.chaos.lock_workload import LockWorkload, server_addresses
+    from cohort.chaos.runner import Boto3KV
+
+    locks = LockWorkload(server_addresses(cluster.data_dir), clients=2, seed=11,
+                         kv_factory=lambda: Boto3KV(info, cfg))  # fmt: skip
+    rep, _ = await asyncio.gather(
+        run_chaos(info, cfg, restart=_restart(cluster), lock_intervals=locks.intervals),
+        locks.run(cfg.duration),
+    )
+    rep.checks.append(locks.check())
     assert rep.faults, "the nemesis did nothing"
     assert rep.status == "pass", _show(rep, tmp_path)
-    assert {c.name: c.status for c in rep.checks}["single-owner"] == "pass"
+    st = {c.name: c.status for c in rep.checks}
+    assert st["single-owner"] == st["lock-safety"] == st["fenced-writes"] == "pass"
 
 
 @pytest.mark.slow
@@ -90,6 +101,7 @@ async def test_chaos_with_network_faults(cluster: Any, tmp_path: Path) -> None:
     assert rep.status == "pass", _show(rep, tmp_path)
 
 
+@pytest.mark.slow
 async def test_chaos_with_proxies_between_components(tmp_path: Path) -> None:
     """``LocalCluster(proxies=True)``: a FaultProxy in front of every server and of the
     coordinator, so director->server, server->server (DLM) and member->coordinator links
@@ -138,6 +150,7 @@ async def test_chaos_with_storage_faults(tmp_path: Path) -> None:
     assert rep.status == "pass", _show(rep, tmp_path)
 
 
+@pytest.mark.slow
 async def test_chaos_lock_workload(cluster: Any, tmp_path: Path) -> None:
     """DlmClient EX locks through random servers while servers are killed and restarted:
     grants must never overlap, and the token each holder writes under the lock must never
