@@ -271,6 +271,9 @@ class RpcClient:
         self._pending[rid] = fut
         try:
             writer.write(encode_frame([_REQUEST, rid, method, params]))
+        except (OSError, RuntimeError) as e:  # the transport broke under us
+            self._pending.pop(rid, None)
+            raise RpcConnectionError(f"cannot send to {self.address}: {e}") from None
         except Exception:
             self._pending.pop(rid, None)
             raise

@@ -104,6 +104,9 @@ class Router:
             except RpcError as e:
                 log.warning("watch failed: %s", e)
                 await asyncio.sleep(0.2)
+            except Exception:
+                log.exception("applying the cluster view failed")
+                await asyncio.sleep(0.2)
 
     # -- reads: owner or read replicas ----------------------------------------------------
     async def read(self, p: int, method: str, params: dict[str, Any]) -> Any:

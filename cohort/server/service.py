@@ -120,6 +120,7 @@ def complete_upload(up: Upload, listed: list[tuple[int, str]]) -> ObjectMeta:
     )
 
 
+DLM_ACQUIRE_TIMEOUT = 5.0  # seconds before a partition-lock request is withdrawn and retried
 WRITE_QUIET = 1.0  # seconds without writes before an owner shares a partition read-only
 REPLICA_IDLE = 20.0  # seconds without reads before a read replica lets go
 
@@ -315,41 +316,46 @@ class Server:
     # -- membership ------------------------------------------------------------------------
     async def _heartbeat_loop(self) -> None:
         while True:
-            interval = self.lease_ttl / 6
-            await asyncio.sleep(interval)
-            t_send = time.monotonic()
             try:
-                r = await self.coord.heartbeat(self.id, self.incarnation, load=self._load_report())
-                self.metrics.lease_renewals.inc()
-                # Only a reply proves the lease was renewed, and only from when we sent it.
-                self.lease_deadline = max(
-                    self.lease_deadline, t_send + self.lease_ttl - LEASE_MARGIN
-                )
-                if r.get("version", -1) > self.view.get("version", -1):
-                    self._rejoin.set()  # nudge: the watch loop will catch up anyway
-            except RpcError as e:
-                self.metrics.lease_failures.inc()
-                if e.code == "UnknownMember":
-                    log.error(
-                        "coordinator declared us dead; dropping all partitions and re-joining"
-                    )
-                    await self._drop_all("declared dead")
-                    await self._join()
-                    continue
-                log.warning("heartbeat failed: %s", e)
-            if not self.lease_valid():
-                log.error(
-                    "lease lost (no renewal in time): self-fencing %d partitions", len(self.hosts)
-                )
-                self.metrics.lease_lost.inc()
-                await self._drop_all("lease lost")
-                # Come back as a new incarnation: the coordinator then records the old one
-                # as gone, so every lock agent drops what it held, and ours starts fresh.
-                # (Keeping the old incarnation would leave the fenced agent unable to lock
-                # again, and other agents believing it still holds its locks.)
+                await self._heartbeat_once()
+            except Exception:
+                # the lease keeper must never die: without it the server could neither
+                # renew its lease nor notice having lost it
+                log.exception("heartbeat round failed")
+
+    async def _heartbeat_once(self) -> None:
+        """One lease renewal (and the reaction to a lost lease or a dead verdict)."""
+        interval = self.lease_ttl / 6
+        await asyncio.sleep(interval)
+        t_send = time.monotonic()
+        try:
+            r = await self.coord.heartbeat(self.id, self.incarnation, load=self._load_report())
+            self.metrics.lease_renewals.inc()
+            # Only a reply proves the lease was renewed, and only from when we sent it.
+            self.lease_deadline = max(self.lease_deadline, t_send + self.lease_ttl - LEASE_MARGIN)
+            if r.get("version", -1) > self.view.get("version", -1):
+                self._rejoin.set()  # nudge: the watch loop will catch up anyway
+        except RpcError as e:
+            self.metrics.lease_failures.inc()
+            if e.code == "UnknownMember":
+                log.error("coordinator declared us dead; dropping all partitions and re-joining")
+                await self._drop_all("declared dead")
                 await self._join()
-                continue
-            self._reap_failed_hosts()
+                return
+            log.warning("heartbeat failed: %s", e)
+        if not self.lease_valid():
+            log.error(
+                "lease lost (no renewal in time): self-fencing %d partitions", len(self.hosts)
+            )
+            self.metrics.lease_lost.inc()
+            await self._drop_all("lease lost")
+            # Come back as a new incarnation: the coordinator then records the old one
+            # as gone, so every lock agent drops what it held, and ours starts fresh.
+            # (Keeping the old incarnation would leave the fenced agent unable to lock
+            # again, and other agents believing it still holds its locks.)
+            await self._join()
+            return
+        self._reap_failed_hosts()
 
     def _load_report(self) -> list[list[float]]:
         """Per-partition ``[partition, requests/s, bytes/s]`` since the last report, for
@@ -389,6 +395,11 @@ class Server:
                 self._apply_view(view)
             except RpcError as e:
                 log.warning("watch failed: %s", e)
+                await asyncio.sleep(0.2)
+            except Exception:
+                # never let the loop that follows the map die: a server that stops
+                # following it would keep serving partitions it no longer owns
+                log.exception("applying the cluster view failed")
                 await asyncio.sleep(0.2)
 
     def _apply_view(self, view: dict[str, Any]) -> None:
@@ -450,7 +461,12 @@ class Server:
         def blocking(mode: Mode) -> None:
             self._on_blocking(p, mode)
 
-        h = await self.agent.lock(f"partition/{p}", Mode.EX, on_blocking=blocking)
+        # Bounded: a request caught in a lock-manager recovery that never completes is
+        # withdrawn and asked again (found by the chaos harness: a coordinator outage
+        # longer than the lease could leave a partition unserved for good).
+        h = await self.agent.lock(
+            f"partition/{p}", Mode.EX, on_blocking=blocking, timeout=DLM_ACQUIRE_TIMEOUT
+        )
         if h.previous_holder_died:
             log.info(
                 "partition %d: previous holder %s died; its log will be replayed",
