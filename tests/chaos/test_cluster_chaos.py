@@ -61,7 +61,7 @@ async def test_short_chaos_run(cluster: Any, tmp_path: Path) -> None:
     cfg = RunConfig(
         duration=12, clients=4, keys=3, seed=11, roles=("server",), actions=("kill", "pause"),
         fault_interval=(0.5, 1.5), fault_duration=(1.0, 2.5), pause_duration=(3.0, 4.0),
-        settle_timeout=45,
+        settle_timeout=90,
     )  # fmt: skip
     from cohort.chaos.lock_workload import LockWorkload, server_addresses
     from cohort.chaos.runner import Boto3KV
@@ -116,7 +116,7 @@ async def test_chaos_with_proxies_between_components(tmp_path: Path) -> None:
             # shorter than the lease: a longer coordinator outage trips the known bug
             # in test_coordinator_outage_longer_than_lease_recovers
             fault_interval=(0.3, 1.0), fault_duration=(0.5, 1.2),
-            read_timeout=3.0, settle_timeout=45,
+            read_timeout=3.0, settle_timeout=90,
         )  # fmt: skip
         rep = await run_chaos(info, cfg, proxies=c.proxies)
         forwarded = {k: p.stats.bytes_up for k, p in c.proxies.items()}
@@ -139,7 +139,7 @@ async def test_chaos_with_storage_faults(tmp_path: Path) -> None:
         info = ClusterInfo.load(c.data_dir)
         cfg = RunConfig(
             duration=12, clients=4, keys=3, seed=4, roles=("server",), actions=("pause",),
-            fault_interval=(2.0, 4.0), pause_duration=(1.0, 2.0), settle_timeout=45,
+            fault_interval=(2.0, 4.0), pause_duration=(1.0, 2.0), settle_timeout=90,
         )  # fmt: skip
         rep = await run_chaos(info, cfg, restart=_restart(c))
     finally:
@@ -161,7 +161,7 @@ async def test_chaos_lock_workload(cluster: Any, tmp_path: Path) -> None:
     info = ClusterInfo.load(cluster.data_dir)
     cfg = RunConfig(
         duration=12, clients=2, keys=2, seed=21, roles=("server",), actions=("kill",),
-        fault_interval=(1.0, 2.0), fault_duration=(1.0, 2.0), settle_timeout=45,
+        fault_interval=(1.0, 2.0), fault_duration=(1.0, 2.0), settle_timeout=90,
     )  # fmt: skip
     locks = LockWorkload(server_addresses(cluster.data_dir), clients=3, seed=21,
                          kv_factory=lambda: Boto3KV(info, cfg))  # fmt: skip
@@ -256,7 +256,7 @@ async def test_broken_build_is_caught(tmp_path: Path) -> None:
         cfg = RunConfig(
             duration=15, clients=4, keys=2, seed=3, roles=("server",), actions=("kill",),
             mix=(0.6, 0.4, 0.0), fault_interval=(0.5, 1.0), fault_duration=(0.5, 1.0),
-            settle_timeout=45,
+            settle_timeout=90,
         )  # fmt: skip
         rep = await run_chaos(info, cfg, restart=_restart(c))
     finally:
