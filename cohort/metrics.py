@@ -278,6 +278,12 @@ class ServerMetrics(_Base):
         self.lease_lost = LoopCounter(
             "cohort_lease_lost", "Times the lease ran out and the server self-fenced.", registry=r
         )
+        self.dlm_fallbacks = LoopCounter(
+            "cohort_dlm_fallbacks",
+            "Partitions served under the coordinator's lock alone because the lock manager "
+            "did not grant partition/<p> in time.",
+            registry=r,
+        )
         self.log_appends = LoopCounter(
             "cohort_log_appends",
             "Operation-log segments written (one per group commit).",

@@ -39,13 +39,13 @@ from cohort.coord import connect
 from cohort.coord.base import Coordinator
 from cohort.dlm import Handle, LockAgent, Mode, TcpTransport
 from cohort.dlm.client import ClientService
-from cohort.dlm.errors import DlmError
+from cohort.dlm.errors import DlmError, LockTimeout
 from cohort.dlm.transport import RPC_METHOD as DLM_RPC_METHOD
 from cohort.logs import setup_logging
 from cohort.metrics import InstrumentedStore, ServerMetrics, start_metrics_server
 from cohort.oplog.log import PartitionLog
 from cohort.partitioning import partition_of
-from cohort.rpc import RpcError, RpcServer
+from cohort.rpc import RpcClient, RpcError, RpcServer
 from cohort.server.host import NotServing, PartitionHost
 from cohort.server.state import ObjectMeta, PartitionState, Upload, meta_to_wire
 from cohort.storage.base import Store
@@ -121,6 +121,7 @@ def complete_upload(up: Upload, listed: list[tuple[int, str]]) -> ObjectMeta:
 
 
 DLM_ACQUIRE_TIMEOUT = 5.0  # seconds before a partition-lock request is withdrawn and retried
+DLM_ACQUIRE_ATTEMPTS = 2  # then ownership falls back to the coordinator's lock alone
 WRITE_QUIET = 1.0  # seconds without writes before an owner shares a partition read-only
 REPLICA_IDLE = 20.0  # seconds without reads before a read replica lets go
 
@@ -180,6 +181,7 @@ class Server:
             "mpu.list",
             "dlm.status",
             "part.read",
+            "part.shared",
         ):
             handler = getattr(self, "rpc_" + name.replace(".", "_"))
             self.rpc.register(name, self.metrics.instrument(name, handler))
@@ -463,10 +465,28 @@ class Server:
 
         # Bounded: a request caught in a lock-manager recovery that never completes is
         # withdrawn and asked again (found by the chaos harness: a coordinator outage
-        # longer than the lease could leave a partition unserved for good).
-        h = await self.agent.lock(
-            f"partition/{p}", Mode.EX, on_blocking=blocking, timeout=DLM_ACQUIRE_TIMEOUT
-        )
+        # longer than the lease could leave a partition unserved for good).  If the lock
+        # manager still cannot grant it, serve under the coordinator's partition lock
+        # alone: that lock (with the log fence) is what keeps two servers from serving
+        # one partition, so safety holds; only the DLM's hand-over help is lost.  (The
+        # chaos harness strands DLM resources by resetting server-to-server connections:
+        # the DLM's transport does not retransmit messages lost with a connection.)
+        for attempt in range(DLM_ACQUIRE_ATTEMPTS):
+            try:
+                h = await self.agent.lock(
+                    f"partition/{p}", Mode.EX, on_blocking=blocking, timeout=DLM_ACQUIRE_TIMEOUT
+                )
+                break
+            except LockTimeout:
+                if attempt + 1 == DLM_ACQUIRE_ATTEMPTS:
+                    log.error(
+                        "partition %d: the lock manager did not grant partition/%d in %.0f s; "
+                        "serving under the coordinator's partition lock alone",
+                        p, p, DLM_ACQUIRE_TIMEOUT * DLM_ACQUIRE_ATTEMPTS,
+                        extra={"partition": p},
+                    )  # fmt: skip
+                    self.metrics.dlm_fallbacks.inc()
+                    return None
         if h.previous_holder_died:
             log.info(
                 "partition %d: previous holder %s died; its log will be replayed",
@@ -539,7 +559,12 @@ class Server:
             return {"role": "owner"}
         if p in self.replicas:
             return {"role": "reader"}
-        if self.agent is None or not self.lease_valid() or p in self._replica_loading:
+        if (
+            self.agent is None
+            or self._dlm_epoch < 0  # no cluster-wide lock manager here: no replicas
+            or not self.lease_valid()
+            or p in self._replica_loading
+        ):
             raise RpcError("Busy", f"cannot replicate partition {p} now")
         self._replica_loading.add(p)
         try:
@@ -570,6 +595,12 @@ class Server:
             if blocked or h.lost.is_set() or not self.lease_valid():
                 await h.release()
                 raise RpcError("Busy", f"partition {p} changed while loading")
+            # Our PR lock keeps the owner from writing only if the owner itself holds the
+            # partition's lock (in PR): it may be serving under the coordinator's lock
+            # alone (a lock-manager fallback).  Ask it, while we hold PR.
+            if not await self._owner_shares(p):
+                await h.release()
+                raise RpcError("Busy", f"the owner of partition {p} is not sharing it")
             self.replicas[p] = ReadReplica(state, h)
             self._spawn(self._watch_replica(p, h))
             log.info(
@@ -581,6 +612,35 @@ class Server:
             return {"role": "reader"}
         finally:
             self._replica_loading.discard(p)
+
+    async def _owner_shares(self, p: int) -> bool:
+        owner = self.view["partitions"][p][0]
+        addr = next(
+            (
+                m["address"]
+                for m in self.view["members"]
+                if m["id"] == owner and m["role"] == "server"
+            ),
+            None,
+        )
+        if addr is None:
+            return False
+        host, _, port = addr.rpartition(":")
+        client = RpcClient(host, int(port), connect_timeout=1.0)
+        try:
+            r = await client.call("part.shared", {"p": p}, timeout=2.0)
+            return bool(r.get("shared"))
+        except RpcError:
+            return False
+        finally:
+            await client.close()
+
+    async def rpc_part_shared(self, params: dict[str, Any]) -> dict[str, Any]:
+        """Whether this server owns partition ``p`` and holds its DLM lock in PR (so a
+        write here must first revoke every read replica)."""
+        p = int(params["p"])
+        h = self.hosts.get(p)
+        return {"shared": bool(h is not None and h.serving and h.shared and p in self.dlm_locks)}
 
     def _drop_replica(self, p: int, why: str) -> None:
         r = self.replicas.pop(p, None)
