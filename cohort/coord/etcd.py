@@ -895,8 +895,11 @@ class EtcdCoordinator:
     async def close(self) -> None:
         if self._primary_task is not None:
             self._primary_task.cancel()
+            # bounded: the primary's clean-up revokes its lease over HTTP, which can hang
+            # on an etcd member that is restarting
             with contextlib.suppress(BaseException):
-                await self._primary_task
+                await asyncio.wait_for(self._primary_task, 5.0)
             self._primary_task = None
-        await self.informer.close()
+        with contextlib.suppress(BaseException):
+            await asyncio.wait_for(self.informer.close(), 5.0)
         await self.client.close()

@@ -70,7 +70,7 @@ class Backend:
     async def close(self) -> None:
         for c in self.clients:
             with contextlib.suppress(Exception):
-                await c.close()
+                await asyncio.wait_for(c.close(), 15.0)
         if self.embedded is not None:
             await self.embedded.close()
 
