@@ -738,6 +738,9 @@ class Server:
                 log.exception("recovery of partition %d failed", p, extra={"partition": p})
                 self.hosts.pop(p, None)
                 await host.close(graceful=False)
+                # give the partition's DLM lock back too, or the next attempt would queue
+                # behind our own lock until the fallback (found with storage faults)
+                await self._release_dlm(p)
                 await asyncio.sleep(0.5)
                 asyncio.get_running_loop().call_soon(self._apply_view, self.view)
         finally:
