@@ -163,7 +163,11 @@ class Boto3KV:
             region_name=info.region,
             config=Config(
                 s3={"addressing_style": "path"},
-                retries={"max_attempts": 1, "mode": "standard"},
+                # Exactly one attempt: a retry is a second S3 request (a new request id),
+                # which the history would record as one operation applied twice.
+                # botocore's ``max_attempts`` counts retries, ``total_max_attempts`` does
+                # not (``max_attempts: 1`` made seed 5 report a false violation).
+                retries={"total_max_attempts": 1, "mode": "standard"},
                 connect_timeout=cfg.connect_timeout,
                 read_timeout=cfg.read_timeout,
             ),

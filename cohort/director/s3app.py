@@ -296,6 +296,24 @@ class S3App:
                 raise S3Error(e.code, e.message or None) from None
             raise
 
+    async def _commit_blob(
+        self, p: int, method: str, params: dict[str, Any], blob: str | None
+    ) -> None:
+        """Send the record that makes ``blob`` (already written) part of an object.
+
+        Only an S3 error answered by the owner proves the record was not applied; then
+        the blob is deleted at once.  After anything else (a timeout, no owner reachable
+        in time, the client hanging up) the record may have been applied, or may still
+        be, by an owner that received it: deleting the blob then could leave an object
+        whose data is gone.  So it stays, and the owner's orphan sweeper deletes it once
+        no record has referred to it for ``orphan_age``."""
+        try:
+            await self.call(p, method, params)
+        except S3Error:
+            if blob:
+                await self.store.delete(blob)
+            raise
+
     # -- buckets ---------------------------------------------------------------------------
     async def list_buckets(self, request: web.Request, bucket: str, key: str) -> web.Response:
         await self.router.refresh()
@@ -671,20 +689,21 @@ class S3App:
         try:
             checksums, md5 = sink[0]
             meta = self._meta_from_headers(request, size, md5, bkey if size else None, checksums)
-            await self.call(
-                p,
-                "obj.put",
-                {
-                    "b": bid,
-                    "k": key,
-                    "m": meta_to_wire(meta),
-                    "rid": blob_id,
-                    "cond": self._write_conditions(request),
-                },
-            )
         except BaseException:
-            await self.store.delete(bkey)
+            await self.store.delete(bkey)  # no record was sent: nothing can refer to it
             raise
+        await self._commit_blob(
+            p,
+            "obj.put",
+            {
+                "b": bid,
+                "k": key,
+                "m": meta_to_wire(meta),
+                "rid": blob_id,
+                "cond": self._write_conditions(request),
+            },
+            bkey,
+        )
         if not size:
             await self.store.delete(bkey)
         headers = {"ETag": f'"{meta.etag}"'}
@@ -920,14 +939,9 @@ class S3App:
                 headers=dict(smeta.headers),
                 parts=smeta.parts,
             )
-        try:
-            await self.call(
-                p, "obj.put", {"b": bid, "k": key, "m": meta_to_wire(meta), "rid": blob_id}
-            )
-        except BaseException:
-            if new_blob:
-                await self.store.delete(new_blob)
-            raise
+        await self._commit_blob(
+            p, "obj.put", {"b": bid, "k": key, "m": meta_to_wire(meta), "rid": blob_id}, new_blob
+        )
         body = xmlio.render_copy_object(meta.etag, _dt(meta.mtime), meta.checksums or None)
         return web.Response(body=body, content_type="application/xml")
 
@@ -990,28 +1004,19 @@ class S3App:
             "mtime": time.time(),
             "checksums": checksums,
         }
-        try:
-            await self.call(
-                p,
-                "mpu.part",
-                {
-                    "b": bid,
-                    "k": key,
-                    "u": upload_id,
-                    "n": n,
-                    "p": [
-                        part["size"],
-                        part["etag"],
-                        part["blob"],
-                        part["mtime"],
-                        part["checksums"],
-                    ],
-                    "rid": blob_id,
-                },
-            )
-        except BaseException:
-            await self.store.delete(bkey)
-            raise
+        await self._commit_blob(
+            p,
+            "mpu.part",
+            {
+                "b": bid,
+                "k": key,
+                "u": upload_id,
+                "n": n,
+                "p": [part["size"], part["etag"], part["blob"], part["mtime"], part["checksums"]],
+                "rid": blob_id,
+            },
+            bkey,
+        )
         if not size:
             await self.store.delete(bkey)
         if copy:

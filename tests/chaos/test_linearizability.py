@@ -9,7 +9,7 @@ import time
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from cohort.chaos.history import History, Op, OpKind, OpResult, Value
+from cohort.chaos.history import History, Op, OpKind, OpResult, Value, ops_sorted
 from cohort.chaos.linearizability import (
     check_history,
     check_key,
@@ -215,6 +215,34 @@ def test_counterexample_is_small() -> None:
     assert len(r.counterexample) <= 4, [o.describe() for o in r.counterexample]
     assert r.counterexample[-1].read_value == "v100"
     assert check_register(r.counterexample) is False
+
+
+def test_counterexample_keeps_the_writes_its_reads_depend_on() -> None:
+    """Regression (seed 5 network-faults run): the shrinker removed a delete that
+    explained a read of "missing" and reported that read as the violation, while the
+    real one was elsewhere.  A counterexample must stay a violation when any write of
+    the full history is put back; this history (found by a random search against the
+    old shrinker) got ``delete, put v1, get -> missing``, which delete #7 explains."""
+    h = H(
+        op(0, "delete", 1.23, 4.23),
+        op(1, "get", 9.16, 10.16, read=None),
+        op(2, "get", 6.53, 9.53, read=None),
+        op(0, "put", 7.57, 7.87, "v1"),
+        op(1, "put", 0.31, 1.31, "v2"),
+        op(2, "get", 8.12, 16.12, read="v2"),
+        op(0, "get", 8.03, 11.03, read=None),
+        op(1, "delete", 8.40, 9.40),
+        op(2, "get", 1.35, 2.35, read="v2"),
+    )
+    r = check_key("k", h, shrink_budget=10)
+    assert r.linearizable is False
+    kept = {o.index for o in r.counterexample}
+    for w in h:
+        if w.kind != "get" and w.index not in kept:
+            assert check_register(ops_sorted([*r.counterexample, w])) is False, (
+                f"{w.describe()} explains the counterexample "
+                f"{[o.describe() for o in r.counterexample]}"
+            )
 
 
 def test_lost_acknowledged_writes() -> None:

@@ -225,3 +225,46 @@ async def test_run_with_time_budget() -> None:
     rep = await run_chaos(_info(), _cfg(duration=0.5), client_factory=lambda: reg)
     assert rep.status == "pass"
     assert time.monotonic() - t0 < 10
+
+
+def test_boto3_client_sends_each_operation_once() -> None:
+    """Regression (seed 5, network faults): botocore's ``max_attempts: 1`` still allowed one
+    retry, so a PUT that timed out was re-sent as a second S3 request and applied twice,
+    and the checker reported a violation that was the harness's own.  A silent server
+    here counts the requests one timed-out PUT makes."""
+    import socket
+
+    from cohort.chaos.runner import Boto3KV
+
+    requests: list[bytes] = []
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(8)
+    held: list[socket.socket] = []
+
+    def accept() -> None:
+        while True:
+            try:
+                c, _ = srv.accept()
+            except OSError:
+                return
+            held.append(c)  # never answered: the client's read times out
+            requests.append(c.recv(64))
+
+    threading.Thread(target=accept, daemon=True).start()
+    try:
+        info = ClusterInfo(f"http://127.0.0.1:{srv.getsockname()[1]}", "AK", "SK", "us-east-1", [])
+        kv = Boto3KV(info, RunConfig(duration=1, read_timeout=0.5, connect_timeout=0.5))
+        with pytest.raises(OpOutcome) as e:
+            kv.put("k", "v")
+        assert e.value.result == "info"  # a write whose answer never came: unknown
+        deadline = time.monotonic() + 2
+        while not requests and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.3)  # room for a (wrong) second attempt to show up
+        assert len(requests) == 1, requests
+        assert requests[0].startswith(b"PUT ")
+    finally:
+        srv.close()
+        for c in held:
+            c.close()
