@@ -20,6 +20,7 @@ import collections
 import contextlib
 import logging
 import random
+import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -165,12 +166,69 @@ class MemoryTransport:
         self.network.handlers.pop(self.node_id, None)
 
 
+class _Outbound:
+    """One sender's stream to one peer: numbered messages not yet acknowledged."""
+
+    __slots__ = ("backoff", "next_seq", "sent_at", "task", "unacked", "wake")
+
+    def __init__(self) -> None:
+        self.next_seq = 1
+        self.unacked: collections.deque[tuple[int, list[Any]]] = collections.deque()
+        self.sent_at = 0.0  # when the oldest unacknowledged message was (re)sent
+        self.wake = False  # a retransmission is due once the sender task's batch is out
+        self.task: asyncio.Task[None] | None = None
+        self.backoff = RETRANSMIT_AFTER
+
+    @property
+    def base(self) -> int:
+        """The oldest number not acknowledged yet (every earlier one was delivered)."""
+        return self.unacked[0][0] if self.unacked else self.next_seq
+
+
+class _Inbound:
+    """One receiver's view of one peer's stream: its session, and the last number
+    delivered from it."""
+
+    __slots__ = ("delivered", "session")
+
+    def __init__(self, session: int, delivered: int) -> None:
+        self.session = session
+        self.delivered = delivered
+
+
+#: Unacknowledged messages are sent again after this long (doubling up to the cap while
+#: the peer stays silent); receivers acknowledge within :data:`ACK_DELAY` when no message
+#: of their own carries the acknowledgement sooner.
+RETRANSMIT_AFTER = 0.2
+RETRANSMIT_CAP = 2.0
+ACK_DELAY = 0.02
+
+
 class TcpTransport:
-    """DLM messages over the project's RPC layer (one-way notifications).
+    """DLM messages over the project's RPC layer (one-way notifications), delivered
+    exactly once and in order per (sender, receiver) pair, across connection resets.
 
     Registers ``dlm.msg`` on ``server`` (an :class:`RpcServer` the host already runs)
-    and reaches peers through ``pool`` by their "host:port" addresses.  Each peer has
-    one sender task, so messages to it leave in the order they were sent.
+    and reaches peers through ``pool`` by their "host:port" addresses.
+
+    A TCP connection keeps order, but a reset loses whatever was in flight, and the lock
+    protocol cannot afford a lost GRANT or REL (a lock would be stranded).  So each
+    frame is ``[src, dst, session, seq, base, ack_session, ack, msg]``:
+
+    * ``session`` (random per transport) and ``seq`` number the sender's stream to
+      ``dst``; ``base`` is its oldest unacknowledged number.  The receiver delivers only
+      the next number it expects and drops anything else (a duplicate, or a frame after
+      a gap).  A stream it has no state for (first contact, a restarted sender, or a
+      restarted receiver under the same node id) starts at ``base``: everything before
+      it was acknowledged, by this receiver or by its predecessor.
+    * ``ack`` is the last number delivered from the reverse stream, whose session is
+      ``ack_session``.  Lock traffic is request/reply, so acknowledgements mostly ride
+      on replies; otherwise a bare one (``msg`` None) leaves after :data:`ACK_DELAY`.
+    * The sender keeps what is unacknowledged and, when the oldest has waited
+      :data:`RETRANSMIT_AFTER`, sends all of it again, in order (go-back-N: simple,
+      and resets are rare).
+    * ``dst`` is checked because a server's next incarnation is a new node id on the
+      same address.
     """
 
     def __init__(self, server: RpcServer, pool: ClientPool | None = None) -> None:
@@ -178,13 +236,17 @@ class TcpTransport:
         self.pool = pool if pool is not None else ClientPool()
         self._own_pool = pool is None
         self.node_id = ""
+        self.session = random.getrandbits(31)
         self._deliver: Deliver | None = None
         self.addresses: dict[str, str] = {}
-        self._queues: dict[str, list[list[Any]]] = {}
-        self._wake: dict[str, asyncio.Event] = {}
-        self._senders: dict[str, asyncio.Task[None]] = {}
+        self._out: dict[str, _Outbound] = {}
+        self._in: dict[str, _Inbound] = {}
+        self._ack_due: dict[str, float] = {}  # peer -> when a bare ack must go out
+        self._timer: asyncio.Task[None] | None = None
         self.messages = 0
         self.bytes = 0
+        self.retransmitted = 0
+        self.dropped = 0  # duplicates and out-of-order arrivals, discarded
         self._closed = False
 
     def attach(self, node_id: str, deliver: Deliver) -> None:
@@ -193,61 +255,159 @@ class TcpTransport:
         self.server.register(RPC_METHOD, self._handle)
 
     async def _handle(self, params: Any) -> None:
-        src, msg = params
-        if self._deliver is not None and not self._closed:
-            self._deliver(src, msg)
+        self.receive(params)
+
+    def receive(self, params: Any) -> None:
+        """One frame from a peer (also for frames a host kept before attaching)."""
+        if self._closed or self._deliver is None:
+            return
+        try:
+            src, dst, session, seq, base, ack_session, ack, msg = params
+        except (TypeError, ValueError):
+            log.warning("malformed DLM frame dropped: %.200r", params)
+            return
+        if dst != self.node_id:
+            return  # meant for an earlier incarnation of this node
+        out = self._out.get(src)
+        if out is not None and ack_session == self.session:
+            self._acked(out, ack)
+        inb = self._in.get(src)
+        if inb is None or inb.session != session:
+            inb = self._in[src] = _Inbound(session, base - 1)
+        if msg is None:
+            return
+        if seq != inb.delivered + 1:
+            self.dropped += 1
+            if seq <= inb.delivered:
+                self._ack_soon(src)  # the sender missed our acknowledgement: repeat it
+            return
+        inb.delivered = seq
+        self._ack_soon(src)
+        self._deliver(src, msg)
+
+    def _acked(self, out: _Outbound, ack: int) -> None:
+        progressed = False
+        while out.unacked and out.unacked[0][0] <= ack:
+            out.unacked.popleft()
+            progressed = True
+        if progressed:
+            out.sent_at = time.monotonic()
+            out.backoff = RETRANSMIT_AFTER
+
+    def _ack_soon(self, src: str) -> None:
+        if src not in self._ack_due:
+            self._ack_due[src] = time.monotonic() + ACK_DELAY
+            self._ensure_timer()
 
     def set_addresses(self, members: dict[str, str]) -> None:
         self.addresses = dict(members)
-        for node in list(self._senders):
+        for node in list(self._out):
             if node not in members:
-                self._senders.pop(node).cancel()
-                self._queues.pop(node, None)
-                self._wake.pop(node, None)
+                out = self._out.pop(node)
+                if out.task is not None:
+                    out.task.cancel()
+        for node in list(self._in):
+            if node not in members:
+                del self._in[node]
+                self._ack_due.pop(node, None)
+
+    def _frame(self, dst: str, out: _Outbound, seq: int, msg: list[Any] | None) -> list[Any]:
+        inb = self._in.get(dst)
+        self._ack_due.pop(dst, None)  # this frame carries the acknowledgement
+        if inb is None:
+            return [self.node_id, dst, self.session, seq, out.base, 0, 0, msg]
+        return [self.node_id, dst, self.session, seq, out.base, inb.session, inb.delivered, msg]
+
+    def _stream(self, dst: str) -> _Outbound:
+        out = self._out.get(dst)
+        if out is None:
+            out = self._out[dst] = _Outbound()
+        return out
 
     def send(self, dst: str, msg: list[Any]) -> None:
         if self._closed or dst not in self.addresses:
             return
         self.messages += 1
-        q = self._queues.get(dst)
-        if q is None:
-            q = self._queues[dst] = []
-        # fast path: connection already open and nothing queued ahead -> write now
-        if not q:
-            client = self.pool.get(self.addresses[dst])
-            if client.notify_nowait(RPC_METHOD, [self.node_id, msg]):
-                return
-        q.append(msg)
-        if dst not in self._senders:
-            self._wake[dst] = asyncio.Event()
-            self._senders[dst] = asyncio.get_running_loop().create_task(self._sender(dst))
-        self._wake[dst].set()
+        out = self._stream(dst)
+        seq = out.next_seq
+        out.next_seq += 1
+        if not out.unacked:
+            out.sent_at = time.monotonic()
+        out.unacked.append((seq, msg))
+        self._ensure_timer()
+        if out.task is not None and not out.task.done():
+            return  # the sender task is sending; it picks this one up in order
+        # fast path: connection open -> write now
+        client = self.pool.get(self.addresses[dst])
+        if not client.notify_nowait(RPC_METHOD, self._frame(dst, out, seq, msg)):
+            # not connected: whatever is unacknowledged was probably lost with the old
+            # connection, so send it all again (duplicates are dropped by the receiver)
+            out.task = asyncio.get_running_loop().create_task(self._sender(dst, out, out.base))
 
-    async def _sender(self, dst: str) -> None:
-        wake = self._wake[dst]
+    async def _sender(self, dst: str, out: _Outbound, next_seq: int) -> None:
+        """Sends ``dst``'s unacknowledged messages from ``next_seq`` on, and whatever is
+        queued meanwhile (the fast path holds back while this runs, so order is kept);
+        starts over from the oldest when a retransmission comes due."""
         while not self._closed:
-            await wake.wait()
-            wake.clear()
-            q = self._queues.get(dst)
-            while q:
+            if out.wake:
+                out.wake = False
+                next_seq = out.base
+            todo = [(s, m) for s, m in out.unacked if s >= next_seq]
+            addr = self.addresses.get(dst)
+            if not todo or addr is None:
+                return
+            try:
+                client = self.pool.get(addr)
+                for s, m in todo:
+                    await client.notify(RPC_METHOD, self._frame(dst, out, s, m))
+                    next_seq = s + 1
+            except Exception as e:
+                # the peer is down or unreachable: the retransmission timer tries again
+                # (backing off), until a membership change removes the peer
+                log.debug("dlm send to %s failed: %s", dst, e)
+                return
+
+    def _retransmit(self, dst: str, out: _Outbound) -> None:
+        self.retransmitted += len(out.unacked)
+        if out.task is not None and not out.task.done():
+            out.wake = True
+        else:
+            out.task = asyncio.get_running_loop().create_task(self._sender(dst, out, out.base))
+
+    def _ensure_timer(self) -> None:
+        if self._timer is None or self._timer.done():
+            self._timer = asyncio.get_running_loop().create_task(self._tick())
+
+    async def _tick(self) -> None:
+        """Bare acknowledgements and retransmissions; ends when neither is pending."""
+        while not self._closed:
+            await asyncio.sleep(ACK_DELAY)
+            now = time.monotonic()
+            for dst, due in list(self._ack_due.items()):
                 addr = self.addresses.get(dst)
-                if addr is None:
-                    q.clear()
-                    break
-                try:
-                    await self.pool.get(addr).notify(RPC_METHOD, [self.node_id, q[0]])
-                    q.pop(0)
-                except Exception as e:
-                    # the peer is down or unreachable: keep order, retry until the
-                    # membership change that removes it arrives
-                    log.debug("dlm send to %s failed: %s", dst, e)
-                    await asyncio.sleep(0.05)
+                if due <= now:
+                    self._ack_due.pop(dst, None)
+                    if addr is not None:
+                        # not connected: a later frame or retransmission carries it
+                        self.pool.get(addr).notify_nowait(
+                            RPC_METHOD, self._frame(dst, self._stream(dst), 0, None)
+                        )
+            for dst, out in self._out.items():
+                if out.unacked and now - out.sent_at >= out.backoff:
+                    out.sent_at = now
+                    out.backoff = min(out.backoff * 2, RETRANSMIT_CAP)
+                    self._retransmit(dst, out)
+            if not self._ack_due and not any(o.unacked for o in self._out.values()):
+                self._timer = None
+                return
 
     def close(self) -> None:
         self._closed = True
-        for t in self._senders.values():
-            t.cancel()
-        self._senders.clear()
+        for out in self._out.values():
+            if out.task is not None:
+                out.task.cancel()
+        if self._timer is not None:
+            self._timer.cancel()
 
     async def aclose(self) -> None:
         self.close()

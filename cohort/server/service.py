@@ -276,8 +276,8 @@ class Server:
         self.dlm_clients = ClientService(self.agent, self.rpc)
         self._dlm_epoch = -1
         early, self._early_dlm = self._early_dlm, []
-        for src, msg in early:
-            self.agent._on_message(src, msg)
+        for frame in early:
+            self.dlm_transport.receive(frame)
 
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         """Run ``coro`` in the background, keeping a reference until it finishes."""
@@ -286,9 +286,9 @@ class Server:
         t.add_done_callback(self._bg.discard)
 
     async def _buffer_dlm(self, params: Any) -> None:
+        # (dropping them would be safe too: unacknowledged frames are sent again)
         if len(self._early_dlm) < 10_000:
-            src, msg = params
-            self._early_dlm.append((src, msg))
+            self._early_dlm.append(params)
 
     def lease_valid(self) -> bool:
         return time.monotonic() < self.lease_deadline
