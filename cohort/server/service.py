@@ -469,8 +469,8 @@ class Server:
         # manager still cannot grant it, serve under the coordinator's partition lock
         # alone: that lock (with the log fence) is what keeps two servers from serving
         # one partition, so safety holds; only the DLM's hand-over help is lost.  (The
-        # chaos harness strands DLM resources by resetting server-to-server connections:
-        # the DLM's transport does not retransmit messages lost with a connection.)
+        # chaos harness used to strand DLM resources by resetting server-to-server
+        # connections, before the DLM's transport retransmitted lost messages.)
         for attempt in range(DLM_ACQUIRE_ATTEMPTS):
             try:
                 h = await self.agent.lock(
