@@ -371,6 +371,18 @@ class LocalCluster:
                     "metrics": metrics.get(p.id, ""),
                 }
                 for p in self.procs.values()
+            ]
+            + [
+                # etcd members too, so the chaos harness can kill and pause them
+                {
+                    "role": "etcd",
+                    "id": m.name,
+                    "address": m.endpoint,
+                    "pid": m.popen.pid if m.popen is not None else 0,
+                    "log": str(m.log_path or ""),
+                    "metrics": "",
+                }
+                for m in (self.etcd.members if self.etcd is not None else [])
             ],
         }
         tmp = self.cluster_json.with_suffix(".tmp")
@@ -428,6 +440,8 @@ class LocalCluster:
         p.popen.wait()
 
     def restart(self, member_id: str) -> Proc:
+        if member_id not in self.procs and self.etcd is not None:
+            return self._restart_etcd_member(member_id)
         p = self.procs[member_id]
         if p.alive():
             self.kill(member_id)
@@ -445,6 +459,20 @@ class LocalCluster:
         self._retarget(p)
         self.write_cluster_json()
         return p
+
+    def _restart_etcd_member(self, name: str) -> Proc:
+        """Kill (if running) and start etcd member ``name`` again on its data directory
+        and ports; it catches up from its peers."""
+        assert self.etcd is not None
+        for i, m in enumerate(self.etcd.members):
+            if m.name == name:
+                self.etcd.kill_member(i)
+                self.etcd.start_member(i)
+                self.write_cluster_json()
+                return Proc(
+                    "etcd", name, [], popen=m.popen, address=m.endpoint, log=str(m.log_path)
+                )
+        raise KeyError(name)
 
     def __enter__(self) -> LocalCluster:
         return self.start()

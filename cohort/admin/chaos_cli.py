@@ -1,7 +1,7 @@
 """``cohort chaos``: the fault-injection harness against a fresh local cluster.
 
-Starts a cluster (embedded coordinator, three servers, one director) in ``--data-dir``
-(a temporary directory by default), runs clients that record a history while the seeded
+Starts a cluster (embedded coordinator or ``--coordinator etcd``, three servers, one
+director) in ``--data-dir`` (a temporary directory by default), runs clients that record a history while the seeded
 nemesis kills, restarts and pauses members, then heals, settles and checks:
 linearizability per key, no lost acknowledged writes, single owner per partition log,
 availability per fault.  Exit status 0 = every check held, 1 = a check failed,
@@ -52,13 +52,23 @@ def chaos(
     ] = False,
     proxies: Annotated[
         bool,
-        typer.Option(help="Fault proxies in front of servers and the coordinator "
-                     "(add proxy-drop,proxy-delay,proxy-blackhole to --actions)."),
+        typer.Option(
+            help="Fault proxies in front of servers and the coordinator "
+            "(add proxy-drop,proxy-delay,proxy-blackhole to --actions)."
+        ),
     ] = False,
     faulty_store: Annotated[
         str | None,
         typer.Option(help="SEED[:RATE]: servers inject storage write faults (EIO/ENOSPC/slow)."),
     ] = None,
+    coordinator: Annotated[
+        str,
+        typer.Option(
+            help="embedded (SQLite) or etcd (real etcd-server processes; the "
+            "'coordinator' role then means the etcd members)."
+        ),
+    ] = "embedded",
+    etcd_members: Annotated[int, typer.Option(help="etcd members, with --coordinator etcd.")] = 3,
 ) -> None:
     """Run the Jepsen-style fault-injection harness against a fresh local cluster."""
     unknown = set(actions.split(",")) - set(ACTIONS)
@@ -68,6 +78,19 @@ def chaos(
             err=True,
         )
         raise typer.Exit(2)
+    if coordinator not in ("embedded", "etcd"):
+        typer.echo(f"error: --coordinator must be embedded or etcd, not {coordinator!r}", err=True)
+        raise typer.Exit(2)
+    role_list = [r for r in roles.split(",") if r]
+    if coordinator == "etcd":
+        from cohort.etcd_server import etcd_available
+
+        if not etcd_available():
+            typer.echo(
+                "error: etcd-server is not installed (hint: bash scripts/system-deps.sh)", err=True
+            )
+            raise typer.Exit(2)
+        role_list = ["etcd" if r == "coordinator" else r for r in role_list]
     from cohort.cluster import LocalCluster
 
     tmp = None if data_dir is not None else tempfile.TemporaryDirectory(prefix="cohort-chaos-")
@@ -75,12 +98,14 @@ def chaos(
     cluster = LocalCluster(
         root / "cluster", port=0, partitions=partitions, proxies=proxies,
         server_args=["--faulty-store", faulty_store] if faulty_store else None,
+        coordinator=coordinator, etcd_members=etcd_members,
     ).start()  # fmt: skip
+    code = 2
     try:
         info = ClusterInfo.load(cluster.data_dir)
         cfg = RunConfig(
             duration=minutes * 60, clients=clients, keys=keys, seed=seed,
-            roles=tuple(r for r in roles.split(",") if r), actions=tuple(a for a in ACTIONS if a in actions.split(",")),
+            roles=tuple(role_list), actions=tuple(a for a in ACTIONS if a in actions.split(",")),
             fault_interval=(1.0, 3.0), fault_duration=(1.0, 4.0), pause_duration=(3.0, 5.0),
             settle_timeout=60,
         )  # fmt: skip

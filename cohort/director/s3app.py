@@ -759,10 +759,11 @@ class S3App:
         start, end = 0, meta.size - 1
         status = 200
         rng = request.headers.get("Range")
-        if meta.parts:
-            headers["x-amz-mp-parts-count"] = str(meta.parts)
         part_number = request.query.get("partNumber")
         if part_number is not None:
+            if meta.parts:
+                # like S3: the parts count is returned only to a request by part number
+                headers["x-amz-mp-parts-count"] = str(meta.parts)
             if rng is not None:
                 raise S3Error(
                     "InvalidRequest",

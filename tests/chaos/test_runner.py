@@ -268,3 +268,16 @@ def test_boto3_client_sends_each_operation_once() -> None:
         srv.close()
         for c in held:
             c.close()
+
+
+def test_chaos_cli_rejects_bad_options() -> None:
+    """``cohort chaos`` answers bad options with a one-line error and exit status 2,
+    before starting anything."""
+    from typer.testing import CliRunner
+
+    from cohort.admin.cli import app
+
+    r = CliRunner().invoke(app, ["chaos", "--coordinator", "zookeeper"])
+    assert r.exit_code == 2 and "--coordinator must be embedded or etcd" in r.stderr
+    r = CliRunner().invoke(app, ["chaos", "--actions", "kill,nuke"])
+    assert r.exit_code == 2 and "unknown fault kinds ['nuke']" in r.stderr
