@@ -48,8 +48,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-async def rate(op_factory: Callable[[int], Callable[[], Awaitable[None]]], tasks: int,
-               seconds: float) -> float:
+async def rate(
+    op_factory: Callable[[int], Callable[[], Awaitable[None]]], tasks: int, seconds: float
+) -> float:
     """Run ``tasks`` concurrent loops of ``op`` for ``seconds``; ops per second."""
     count = 0
     end = 0.0
@@ -69,8 +70,9 @@ async def rate(op_factory: Callable[[int], Callable[[], Awaitable[None]]], tasks
     return count / (time.perf_counter() - t0)
 
 
-def thread_rate(op_factory: Callable[[int], Callable[[], None]], threads: int,
-                seconds: float) -> float:
+def thread_rate(
+    op_factory: Callable[[int], Callable[[], None]], threads: int, seconds: float
+) -> float:
     count = [0] * threads
     end = time.perf_counter() + seconds
 
@@ -125,8 +127,11 @@ class AgentProc:
         self.id = node_id
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "cohort.dlm.node", "--id", node_id, "--uvloop"],
-            stdout=subprocess.PIPE, text=True, cwd=ROOT,
-            env={**os.environ, "PYTHONPATH": str(ROOT)})
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
         if not line.startswith("READY "):
@@ -218,8 +223,9 @@ async def bench_messages(sizes: list[int]) -> list[dict[str, Any]]:
             a.set_membership(1, {i: "" for i in ids})
         await asyncio.sleep(0.01)
 
-        async def measure(coros: list[Callable[[], Awaitable[None]]],
-                          net: MemoryNetwork = net) -> float:
+        async def measure(
+            coros: list[Callable[[], Awaitable[None]]], net: MemoryNetwork = net
+        ) -> float:
             net.reset_counters()
             for c in coros:
                 await c()
@@ -231,13 +237,13 @@ async def bench_messages(sizes: list[int]) -> list[dict[str, Any]]:
             async def go() -> None:
                 h = await a.lock(name, EX)
                 await h.release()
+
             return go
 
         # node i masters own/i (first locker); count costs by case
         first_local = await measure([lockrel(agents[i], f"own/{i}") for i in range(n)])
         local = await measure([lockrel(agents[i], f"own/{i}") for i in range(n)])
-        first_remote = await measure(
-            [lockrel(agents[(i + 1) % n], f"own/{i}") for i in range(n)])
+        first_remote = await measure([lockrel(agents[(i + 1) % n], f"own/{i}") for i in range(n)])
         remote = await measure([lockrel(agents[(i + 1) % n], f"own/{i}") for i in range(n)])
         sizes_seen = net.max_message
         # steady state: every node has met every resource once (caches warm), then
@@ -252,16 +258,18 @@ async def bench_messages(sizes: list[int]) -> list[dict[str, Any]]:
             a = rng.choice(agents)
             await lockrel(a, f"own/{rng.randrange(n)}")()
         await asyncio.sleep(0)
-        rows.append({
-            "nodes": n,
-            "first_lock_new_resource": first_local,
-            "local_master": local,
-            "first_lock_remote_master": first_remote,
-            "remote_master": remote,
-            "mixed": net.messages / ops,
-            "avg_bytes": net.bytes / max(net.messages, 1),
-            "max_bytes": max(net.max_message, sizes_seen),
-        })
+        rows.append(
+            {
+                "nodes": n,
+                "first_lock_new_resource": first_local,
+                "local_master": local,
+                "first_lock_remote_master": first_remote,
+                "remote_master": remote,
+                "mixed": net.messages / ops,
+                "avg_bytes": net.bytes / max(net.messages, 1),
+                "max_bytes": max(net.max_message, sizes_seen),
+            }
+        )
     return rows
 
 
@@ -277,8 +285,21 @@ async def bench_redis(seconds: float, tasks_list: list[int]) -> dict[int, float]
     port = free_port()
     tmp = tempfile.mkdtemp(prefix="bench-redis-")
     out: dict[int, float] = {}
-    with process([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                  "--appendonly", "no", "--dir", tmp]):
+    with process(
+        [
+            exe,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            tmp,
+        ]
+    ):
         r = aioredis.Redis(host="127.0.0.1", port=port, max_connections=64)
         try:
             await wait_for(lambda: r.ping(), 10, "redis")
@@ -311,10 +332,25 @@ async def bench_etcd(seconds: float, tasks_list: list[int]) -> dict[int, float] 
     url = f"http://127.0.0.1:{cport}"
     peer = f"http://127.0.0.1:{pport}"
     out: dict[int, float] = {}
-    args = [exe, "--name", "bench", "--data-dir", tmp, "--listen-client-urls", url,
-            "--advertise-client-urls", url, "--listen-peer-urls", peer,
-            "--initial-advertise-peer-urls", peer, "--initial-cluster", f"bench={peer}",
-            "--log-level", "error"]
+    args = [
+        exe,
+        "--name",
+        "bench",
+        "--data-dir",
+        tmp,
+        "--listen-client-urls",
+        url,
+        "--advertise-client-urls",
+        url,
+        "--listen-peer-urls",
+        peer,
+        "--initial-advertise-peer-urls",
+        peer,
+        "--initial-cluster",
+        f"bench={peer}",
+        "--log-level",
+        "error",
+    ]
     with process(args, env={**os.environ, "ETCD_UNSUPPORTED_ARCH": "arm64"}):
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=64)) as http:
 
@@ -338,16 +374,25 @@ async def bench_etcd(seconds: float, tasks_list: list[int]) -> dict[int, float] 
                 pfx, end = b64(prefix), b64(prefix[:-1] + chr(ord(prefix[-1]) + 1))
 
                 async def op() -> None:
-                    r = await post("/v3/kv/txn", {
-                        "compare": [{"target": "CREATE", "key": key, "create_revision": "0"}],
-                        "success": [
-                            {"request_put": {"key": key, "value": "", "lease": lease}},
-                            {"request_range": {"key": pfx, "range_end": end,
-                                               "sort_order": "ASCEND", "sort_target": "CREATE",
-                                               "limit": 1}},
-                        ],
-                        "failure": [{"request_range": {"key": key}}],
-                    })
+                    r = await post(
+                        "/v3/kv/txn",
+                        {
+                            "compare": [{"target": "CREATE", "key": key, "create_revision": "0"}],
+                            "success": [
+                                {"request_put": {"key": key, "value": "", "lease": lease}},
+                                {
+                                    "request_range": {
+                                        "key": pfx,
+                                        "range_end": end,
+                                        "sort_order": "ASCEND",
+                                        "sort_target": "CREATE",
+                                        "limit": 1,
+                                    }
+                                },
+                            ],
+                            "failure": [{"request_range": {"key": key}}],
+                        },
+                    )
                     owner = r["responses"][1]["response_range"]["kvs"][0]["key"]
                     if owner != key:
                         raise RuntimeError("etcd lock contended (unexpected)")
@@ -385,15 +430,43 @@ def bench_zookeeper(seconds: float, threads_list: list[int]) -> dict[int, float]
     cfg.write_text(
         f"tickTime=2000\ndataDir={tmp / 'data'}\nclientPort={port}\n"
         "clientPortAddress=127.0.0.1\nadmin.enableServer=false\nmaxClientCnxns=100\n"
-        "4lw.commands.whitelist=ruok\n")
-    cp = ":".join(["/etc/zookeeper/conf", str(jar)] + [
-        str(p) for p in Path("/usr/share/java").glob("*.jar")
-        if any(k in p.name for k in ("slf4j", "log4j", "netty", "jute", "metrics", "commons",
-                                      "snappy", "jackson", "audience", "jline"))])
+        "4lw.commands.whitelist=ruok\n"
+    )
+    cp = ":".join(
+        ["/etc/zookeeper/conf", str(jar)]
+        + [
+            str(p)
+            for p in Path("/usr/share/java").glob("*.jar")
+            if any(
+                k in p.name
+                for k in (
+                    "slf4j",
+                    "log4j",
+                    "netty",
+                    "jute",
+                    "metrics",
+                    "commons",
+                    "snappy",
+                    "jackson",
+                    "audience",
+                    "jline",
+                )
+            )
+        ]
+    )
     out: dict[int, float] = {}
-    with process([java, "-Xmx256m", "-Dzookeeper.log.dir=" + str(tmp),
-                  "-Dzookeeper.root.logger=ERROR,CONSOLE", "-cp", cp,
-                  "org.apache.zookeeper.server.quorum.QuorumPeerMain", str(cfg)]):
+    with process(
+        [
+            java,
+            "-Xmx256m",
+            "-Dzookeeper.log.dir=" + str(tmp),
+            "-Dzookeeper.root.logger=ERROR,CONSOLE",
+            "-cp",
+            cp,
+            "org.apache.zookeeper.server.quorum.QuorumPeerMain",
+            str(cfg),
+        ]
+    ):
         zk = KazooClient(hosts=f"127.0.0.1:{port}", timeout=10)
         try:
             deadline = time.monotonic() + 30
@@ -405,6 +478,7 @@ def bench_zookeeper(seconds: float, threads_list: list[int]) -> dict[int, float]
                     if time.monotonic() > deadline:
                         return "ZooKeeper did not start within 30s"
             for t in threads_list:
+
                 def factory(i: int) -> Callable[[], None]:
                     lock = zk.Lock(f"/locks/{i}", f"bench-{i}")
 
@@ -497,13 +571,20 @@ async def main() -> None:
     ap.add_argument("--seconds", type=float, default=1.0, help="duration of each loop")
     ap.add_argument("--json", type=Path, help="also write the results here")
     ap.add_argument("--skip", default="", help="comma list of: etcd,redis,zk,failover")
-    ap.add_argument("--lease-ttl", type=float, default=1.0,
-                    help="coordinator lease TTL for the failover measurement")
+    ap.add_argument(
+        "--lease-ttl",
+        type=float,
+        default=1.0,
+        help="coordinator lease TTL for the failover measurement",
+    )
     a = ap.parse_args()
     skip = set(filter(None, a.skip.split(",")))
     s = a.seconds
-    res: dict[str, Any] = {"seconds_per_loop": s, "python": sys.version.split()[0],
-                           "cpus": os.cpu_count()}
+    res: dict[str, Any] = {
+        "seconds_per_loop": s,
+        "python": sys.version.split()[0],
+        "cpus": os.cpu_count(),
+    }
     print("measuring Cohort local master ...", file=sys.stderr)
     res["cohort_local"] = {t: await bench_cohort_local(s, t) for t in (1, 8)}
     print("measuring Cohort remote master (TCP, peer process) ...", file=sys.stderr)
@@ -534,8 +615,10 @@ async def main() -> None:
 
 def report(res: dict[str, Any]) -> None:
     loc, rem = res["cohort_local"], res["cohort_remote"]
-    print(f"\nDLM benchmark ({res['seconds_per_loop']} s per loop, Python {res['python']}, "
-          f"{res['cpus']} CPUs): uncontended lock+release per second")
+    print(
+        f"\nDLM benchmark ({res['seconds_per_loop']} s per loop, Python {res['python']}, "
+        f"{res['cpus']} CPUs): uncontended lock+release per second"
+    )
     print(f"{'system':34} {'1 task':>12} {'8 tasks':>12}")
     print(f"{'Cohort, local master':34} {loc[1]:12,.0f} {loc[8]:12,.0f}")
     print(f"{'Cohort, remote master (TCP)':34} {rem[1]:12,.0f} {rem[8]:12,.0f}")
@@ -550,18 +633,26 @@ def report(res: dict[str, Any]) -> None:
     for name, v in res["peers"].items():
         if isinstance(v, str):
             continue
-        print(f"{name:12} {loc[1] / v[1]:9.1f} {loc[8] / v[8]:9.1f} "
-              f"{rem[1] / v[1]:9.2f} {rem[8] / v[8]:9.2f}")
+        print(
+            f"{name:12} {loc[1] / v[1]:9.1f} {loc[8] / v[8]:9.1f} "
+            f"{rem[1] / v[1]:9.2f} {rem[8] / v[8]:9.2f}"
+        )
     print("\nmessages per operation (simulated agents, in-memory transport)")
-    print(f"{'nodes':>5} {'new res':>8} {'local':>6} {'1st rem':>8} {'remote':>7} "
-          f"{'mixed':>6} {'avg B':>6} {'max B':>6}")
+    print(
+        f"{'nodes':>5} {'new res':>8} {'local':>6} {'1st rem':>8} {'remote':>7} "
+        f"{'mixed':>6} {'avg B':>6} {'max B':>6}"
+    )
     for r in res["messages"]:
-        print(f"{r['nodes']:5} {r['first_lock_new_resource']:8.2f} {r['local_master']:6.2f} "
-              f"{r['first_lock_remote_master']:8.2f} {r['remote_master']:7.2f} {r['mixed']:6.2f} "
-              f"{r['avg_bytes']:6.1f} {r['max_bytes']:6}")
+        print(
+            f"{r['nodes']:5} {r['first_lock_new_resource']:8.2f} {r['local_master']:6.2f} "
+            f"{r['first_lock_remote_master']:8.2f} {r['remote_master']:7.2f} {r['mixed']:6.2f} "
+            f"{r['avg_bytes']:6.1f} {r['max_bytes']:6}"
+        )
     if "failover_seconds" in res:
-        print(f"\nkill -9 of an EX holder -> grant on another node: {res['failover_seconds']:.2f} s "
-              f"(lease TTL {res['lease_ttl']} s, renewal every 0.1 s)")
+        print(
+            f"\nkill -9 of an EX holder -> grant on another node: {res['failover_seconds']:.2f} s "
+            f"(lease TTL {res['lease_ttl']} s, renewal every 0.1 s)"
+        )
 
 
 if __name__ == "__main__":

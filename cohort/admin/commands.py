@@ -787,10 +787,7 @@ def locks(
         mastered = st.get("mastered", [])
         t.add_row(
             sid,
-            *[
-                str(len(v)) if isinstance(v := st.get(k, ""), dict | list) else str(v)
-                for k in keys
-            ],
+            *[str(len(v)) if isinstance(v := st.get(k, ""), dict | list) else str(v) for k in keys],
             f"{len(mastered)}" if isinstance(mastered, list) else str(mastered),
         )
     console.print(t)

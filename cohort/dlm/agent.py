@@ -229,7 +229,11 @@ class Handle:
         self.agent._release(self)
 
     async def convert(
-        self, mode: Mode | str, *, timeout: float | None = None, noqueue: bool = False,
+        self,
+        mode: Mode | str,
+        *,
+        timeout: float | None = None,
+        noqueue: bool = False,
         quecvt: bool = False,
     ) -> None:
         """Convert to ``mode`` (up or down).  Waits until granted; raises NotQueued,
@@ -464,8 +468,15 @@ class LockAgent:
         rng: tuple[int, int] | None,
         owner: Any,
     ) -> Handle:
-        h = self.submit(name, mode, flags=flags, on_blocking=on_blocking, parent=parent,
-                        range=rng, owner=owner if owner is not None else id(asyncio.current_task()))
+        h = self.submit(
+            name,
+            mode,
+            flags=flags,
+            on_blocking=on_blocking,
+            parent=parent,
+            range=rng,
+            owner=owner if owner is not None else id(asyncio.current_task()),
+        )
         if h.state == H_GRANTED:
             return h
         await self._wait(h, timeout)
@@ -525,7 +536,9 @@ class LockAgent:
         async API and by the simulation tests).  Returns the handle: granted at once,
         pending, or done with ``error`` set."""
         if self.fenced:
-            raise LockLost(f"lock agent {self.node_id} is fenced (lease lost); cannot lock {name!r}")
+            raise LockLost(
+                f"lock agent {self.node_id} is fenced (lease lost); cannot lock {name!r}"
+            )
         if parent is not None:
             if parent.agent is not self or parent.state not in (H_GRANTED, H_CONVERTING):
                 raise UsageError("parent lock must be held through this agent")
@@ -565,9 +578,18 @@ class LockAgent:
                         if mode >= Mode.PW:
                             res.dead_holder = None
                     return h
-            self._dispatch(self.table.request(
-                full, h.key, mode, node=self.node_id, owner=(self.node_id, owner), flags=flags,
-                start=h.start, end=h.end))
+            self._dispatch(
+                self.table.request(
+                    full,
+                    h.key,
+                    mode,
+                    node=self.node_id,
+                    owner=(self.node_id, owner),
+                    flags=flags,
+                    start=h.start,
+                    end=h.end,
+                )
+            )
         elif master is not None and root not in self.resolving:
             self._send_req(h, master)
         else:
@@ -578,19 +600,35 @@ class LockAgent:
         h.master = master
         if master == self.node_id:
             if h.root in self.recovering:
-                self.recovering[h.root].buffered.append(
-                    (self.node_id, self._req_msg(h)))
+                self.recovering[h.root].buffered.append((self.node_id, self._req_msg(h)))
                 return
-            self._dispatch(self.table.request(
-                h.name, h.key, h.rqmode, node=self.node_id, owner=(self.node_id, h.owner),
-                flags=h.flags, start=h.start, end=h.end))
+            self._dispatch(
+                self.table.request(
+                    h.name,
+                    h.key,
+                    h.rqmode,
+                    node=self.node_id,
+                    owner=(self.node_id, h.owner),
+                    flags=h.flags,
+                    start=h.start,
+                    end=h.end,
+                )
+            )
         else:
             self.transport.send(master, self._req_msg(h))
 
     def _req_msg(self, h: Handle) -> list[Any]:
         full = h.start == 0 and h.end == RANGE_MAX
-        return [REQ, h.name, h.lid, h.rqmode, h.flags, None if full else h.start,
-                None if full else h.end, h.owner]
+        return [
+            REQ,
+            h.name,
+            h.lid,
+            h.rqmode,
+            h.flags,
+            None if full else h.start,
+            None if full else h.end,
+            h.owner,
+        ]
 
     def _resolve(self, h: Handle) -> None:
         """Find the master of ``h.root`` (directory lookup), then send the request."""
@@ -633,8 +671,7 @@ class LockAgent:
         master = h.master
         if master == self.node_id:
             if h.root in self.recovering:
-                self.recovering[h.root].buffered.append(
-                    (self.node_id, [REL, h.name, h.lid, value]))
+                self.recovering[h.root].buffered.append((self.node_id, [REL, h.name, h.lid, value]))
                 return
             events = self.table.release(h.key, value)
             if events:
@@ -668,7 +705,8 @@ class LockAgent:
         if master == self.node_id:
             if h.root in self.recovering:
                 self.recovering[h.root].buffered.append(
-                    (self.node_id, [CANCEL, h.name, h.lid, reason]))
+                    (self.node_id, [CANCEL, h.name, h.lid, reason])
+                )
                 return
             self._dispatch(self.table.cancel(h.key, reason))
         elif master not in self.members and h.state == H_PENDING:
@@ -769,8 +807,18 @@ class LockAgent:
                 if node == me:
                     self._granted(lid, ev.mode, ev.token, ev.value, ev.value_valid, ev.dead_holder)
                 else:
-                    self.transport.send(node, [GRANT, lid, ev.mode, ev.token, ev.value or None,
-                                               ev.value_valid, ev.dead_holder])
+                    self.transport.send(
+                        node,
+                        [
+                            GRANT,
+                            lid,
+                            ev.mode,
+                            ev.token,
+                            ev.value or None,
+                            ev.value_valid,
+                            ev.dead_holder,
+                        ],
+                    )
             elif type(ev) is Denied:
                 if node == me:
                     self._denied(lid, ev.reason, ev.still_granted)
@@ -888,9 +936,18 @@ class LockAgent:
             owner = _frozen(owner)
         if not self._master_state(name.split(SEP, 1)[0], src, msg):
             return
-        self._dispatch(self.table.request(
-            name, (src, lid), mode, node=src, owner=(src, owner), flags=flags,
-            start=0 if start is None else start, end=RANGE_MAX if end is None else end))
+        self._dispatch(
+            self.table.request(
+                name,
+                (src, lid),
+                mode,
+                node=src,
+                owner=(src, owner),
+                flags=flags,
+                start=0 if start is None else start,
+                end=RANGE_MAX if end is None else end,
+            )
+        )
 
     def _m_cvt(self, src: str, msg: list[Any]) -> None:
         _, name, lid, mode, flags, value = msg
@@ -1100,10 +1157,13 @@ class LockAgent:
                 continue
             if h.state == H_PENDING and (h.abandoned or h.master is None):
                 continue  # never sent (still resolving) or given up
-            mode = int(h.mode) if h.state in (H_GRANTED, H_CONVERTING) and h.mode is not None else -1
+            mode = (
+                int(h.mode) if h.state in (H_GRANTED, H_CONVERTING) and h.mode is not None else -1
+            )
             val = h.value if h.state != H_PENDING else None
-            out.append([h.name, h.lid, h.owner, mode, h.rqmode, h.flags, h.start, h.end,
-                        h.token, val])
+            out.append(
+                [h.name, h.lid, h.owner, mode, h.rqmode, h.flags, h.start, h.end, h.token, val]
+            )
         return out
 
     def _m_orphan(self, src: str, msg: list[Any]) -> None:
@@ -1136,8 +1196,17 @@ class LockAgent:
     def _insert_records(self, node: str, records: list[list[Any]], rec: _Recovering | None) -> None:
         for name, lid, owner, mode, rqmode, flags, start, end, token, val in records:
             self.table.insert_recovered(
-                name, (node, lid), node=node, owner=(node, _frozen(owner)), mode=mode, rqmode=rqmode,
-                flags=flags, start=start, end=end, token=token)
+                name,
+                (node, lid),
+                node=node,
+                owner=(node, _frozen(owner)),
+                mode=mode,
+                rqmode=rqmode,
+                flags=flags,
+                start=start,
+                end=end,
+                token=token,
+            )
             if rec is not None and mode >= 0 and val is not None:
                 rec.values.setdefault(name, []).append((mode, val))
 
@@ -1250,7 +1319,8 @@ def _find_victim(
     graph: dict[tuple[str, Any], list[tuple[tuple[str, Any], tuple[str, str, str, int]]]] = {}
     for master, (wn, wl, won, wok, bon, bok, name) in reported:
         graph.setdefault((won, _frozen(wok)), []).append(
-            ((bon, _frozen(bok)), (master, name, wn, wl)))
+            ((bon, _frozen(bok)), (master, name, wn, wl))
+        )
     # DFS for a path start -> ... -> start
     path: list[tuple[str, str, str, int]] = []
     seen: set[tuple[str, Any]] = set()

@@ -61,7 +61,9 @@ class _Session:
 class ClientService:
     """Serves lock requests of remote clients through ``agent``."""
 
-    def __init__(self, agent: LockAgent, server: RpcServer, *, session_timeout: float = 5.0) -> None:
+    def __init__(
+        self, agent: LockAgent, server: RpcServer, *, session_timeout: float = 5.0
+    ) -> None:
         self.agent = agent
         self.session_timeout = session_timeout
         self.sessions: dict[int, _Session] = {}
@@ -97,8 +99,9 @@ class ClientService:
                     s.wake.set()
 
         try:
-            h = await self.agent.lock(name, mode, timeout=timeout, noqueue=noqueue,
-                                      on_blocking=cb, owner=("client", sid))
+            h = await self.agent.lock(
+                name, mode, timeout=timeout, noqueue=noqueue, on_blocking=cb, owner=("client", sid)
+            )
         except DlmError as e:
             raise RpcError(type(e).__name__, str(e)) from None
         box.append(h)
@@ -195,12 +198,14 @@ class RemoteHandle:
             value, self._write = self._write, None
             await self.client._call("dlm.c.release", [self.client.sid, self.lid, value])
 
-    async def convert(self, mode: Mode | str, *, timeout: float | None = None,
-                      noqueue: bool = False) -> None:
+    async def convert(
+        self, mode: Mode | str, *, timeout: float | None = None, noqueue: bool = False
+    ) -> None:
         value, self._write = self._write, None
         r = await self.client._call(
             "dlm.c.convert",
-            [self.client.sid, self.lid, int(parse_mode(mode)), timeout, noqueue, value])
+            [self.client.sid, self.lid, int(parse_mode(mode)), timeout, noqueue, value],
+        )
         self._update(r)
 
     async def __aenter__(self) -> RemoteHandle:
@@ -213,7 +218,9 @@ class RemoteHandle:
 class _RemoteLockCall(Coroutine[Any, Any, RemoteHandle]):
     """Await it (or ``create_task`` it) for a handle, or ``async with`` it."""
 
-    def __init__(self, client: DlmClient, args: list[Any], on_blocking: Callable[[Mode], Any] | None) -> None:
+    def __init__(
+        self, client: DlmClient, args: list[Any], on_blocking: Callable[[Mode], Any] | None
+    ) -> None:
         self.client = client
         self.args = args
         self.on_blocking = on_blocking
@@ -242,8 +249,9 @@ class _RemoteLockCall(Coroutine[Any, Any, RemoteHandle]):
         self.handle = await self.client._lock(self.args, self.on_blocking)
         return self.handle
 
-    async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,
-                        tb: TracebackType | None) -> None:
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
         if self.handle is not None:
             await self.handle.release()
 
@@ -277,19 +285,30 @@ class DlmClient:
             self.sid = await self._call("dlm.c.open", None)
             self._poller = asyncio.get_running_loop().create_task(self._poll())
 
-    def lock(self, name: str, mode: Mode | str, *, timeout: float | None = None,
-             noqueue: bool = False, on_blocking: Callable[[Mode], Any] | None = None
-             ) -> _RemoteLockCall:
+    def lock(
+        self,
+        name: str,
+        mode: Mode | str,
+        *,
+        timeout: float | None = None,
+        noqueue: bool = False,
+        on_blocking: Callable[[Mode], Any] | None = None,
+    ) -> _RemoteLockCall:
         """Like :meth:`LockAgent.lock` (await it or use ``async with``)."""
         return _RemoteLockCall(
-            self, [name, int(parse_mode(mode)), timeout, noqueue, on_blocking is not None],
-            on_blocking)
+            self,
+            [name, int(parse_mode(mode)), timeout, noqueue, on_blocking is not None],
+            on_blocking,
+        )
 
-    async def _lock(self, args: list[Any], on_blocking: Callable[[Mode], Any] | None) -> RemoteHandle:
+    async def _lock(
+        self, args: list[Any], on_blocking: Callable[[Mode], Any] | None
+    ) -> RemoteHandle:
         if not self.sid:
             await self.connect()
-        r = await self._call("dlm.c.lock", [self.sid, *args],
-                             timeout=None if args[2] is None else args[2] + 30)
+        r = await self._call(
+            "dlm.c.lock", [self.sid, *args], timeout=None if args[2] is None else args[2] + 30
+        )
         lid = r[0]
         h = RemoteHandle(self, args[0], lid, r[1:])
         self._handles[lid] = h
@@ -300,8 +319,9 @@ class DlmClient:
     async def _poll(self) -> None:
         while True:
             try:
-                events = await self.rpc.call("dlm.c.poll", [self.sid, self.poll_interval],
-                                             timeout=self.poll_interval + 10)
+                events = await self.rpc.call(
+                    "dlm.c.poll", [self.sid, self.poll_interval], timeout=self.poll_interval + 10
+                )
             except asyncio.CancelledError:
                 raise
             except Exception:

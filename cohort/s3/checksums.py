@@ -233,9 +233,7 @@ def _decode_b64(value: str, size: int) -> bytes | None:
 
 
 def _invalid_header(alg: str) -> S3Error:
-    return S3Error(
-        "InvalidRequest", f"Value for x-amz-checksum-{alg.lower()} header is invalid."
-    )
+    return S3Error("InvalidRequest", f"Value for x-amz-checksum-{alg.lower()} header is invalid.")
 
 
 @dataclass(slots=True)
@@ -299,9 +297,7 @@ class ChecksumRequest:
                 )
         out: dict[str, str] = {}
         if self.algorithm is not None:
-            out[self.algorithm] = expected.get(self.algorithm) or computed.b64digest(
-                self.algorithm
-            )
+            out[self.algorithm] = expected.get(self.algorithm) or computed.b64digest(self.algorithm)
         return out
 
 

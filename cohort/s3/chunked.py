@@ -90,7 +90,9 @@ class ChunkSigningContext(Protocol):
 
 
 def chunk_string_to_sign(timestamp: str, scope: str, previous: str, data_sha256: str) -> str:
-    return f"AWS4-HMAC-SHA256-PAYLOAD\n{timestamp}\n{scope}\n{previous}\n{EMPTY_SHA256}\n{data_sha256}"
+    return (
+        f"AWS4-HMAC-SHA256-PAYLOAD\n{timestamp}\n{scope}\n{previous}\n{EMPTY_SHA256}\n{data_sha256}"
+    )
 
 
 def trailer_string_to_sign(timestamp: str, scope: str, previous: str, canonical: bytes) -> str:
@@ -213,7 +215,11 @@ class AwsChunkedDecoder:
     def _chunk_header(self, line: bytes) -> None:
         size_part, sep, ext = line.partition(b";")
         size_s = size_part.strip()
-        if not size_s or len(size_s) > 16 or any(c not in b"0123456789abcdefABCDEF" for c in size_s):
+        if (
+            not size_s
+            or len(size_s) > 16
+            or any(c not in b"0123456789abcdefABCDEF" for c in size_s)
+        ):
             raise _malformed("bad chunk size")
         size = int(size_s, 16)
         if self._signed:
@@ -335,9 +341,7 @@ class ChunkContext:
     seed_signature: str
 
 
-def chunk_context_from_signed_headers(
-    headers: Mapping[str, str], secret_key: str
-) -> ChunkContext:
+def chunk_context_from_signed_headers(headers: Mapping[str, str], secret_key: str) -> ChunkContext:
     """Chunk-signing context for a request signed by :func:`cohort.s3.sigv4.sign_request`.
 
     ``headers`` must hold its ``Authorization`` and ``x-amz-date``; the request's

@@ -244,7 +244,7 @@ def _parse_credential(credential: str, code: str) -> tuple[str, str, str, str]:
         raise S3Error(
             code,
             "The authorization header is malformed; the Credential is mal-formed; "
-            f"expecting \"<YOUR-AKID>/YYYYMMDD/REGION/SERVICE/aws4_request\". ({credential})"
+            f'expecting "<YOUR-AKID>/YYYYMMDD/REGION/SERVICE/aws4_request". ({credential})'
             if code == "AuthorizationHeaderMalformed"
             else "Error parsing the X-Amz-Credential parameter; the Credential is mal-formed; "
             'expecting "<YOUR-AKID>/YYYYMMDD/REGION/SERVICE/aws4_request".',
@@ -253,13 +253,13 @@ def _parse_credential(credential: str, code: str) -> tuple[str, str, str, str]:
     if terminal != "aws4_request":
         raise S3Error(
             code,
-            f"The authorization header is malformed; incorrect terminal \"{terminal}\". "
+            f'The authorization header is malformed; incorrect terminal "{terminal}". '
             'This endpoint uses "aws4_request".',
         )
     if service != "s3":
         raise S3Error(
             code,
-            f"The authorization header is malformed; incorrect service \"{service}\". "
+            f'The authorization header is malformed; incorrect service "{service}". '
             'This endpoint belongs to "s3".',
         )
     if len(date) != 8 or not date.isdigit():
@@ -391,9 +391,7 @@ def verify(
                 "and X-Amz-Expires parameters.",
             ) from None
         if algorithm != ALGORITHM:
-            raise S3Error(
-                code, "X-Amz-Algorithm only supports \"AWS4-HMAC-SHA256\"."
-            )
+            raise S3Error(code, 'X-Amz-Algorithm only supports "AWS4-HMAC-SHA256".')
         signed_headers = _split_signed_headers(signed_headers_s, code)
         amz_date = _parse_amz_date(date_value, code)
         try:
@@ -422,8 +420,8 @@ def verify(
     if scope_date != timestamp[:8]:
         raise S3Error(
             code,
-            f"Invalid credential date \"{scope_date}\". This date is not the same as "
-            "X-Amz-Date: \"" + timestamp[:8] + "\".",
+            f'Invalid credential date "{scope_date}". This date is not the same as '
+            'X-Amz-Date: "' + timestamp[:8] + '".',
         )
     if region is not None and scope_region != region:
         raise S3Error(
@@ -479,7 +477,9 @@ def verify(
             creq2 = canonical_request(
                 method, alt_path, cquery, headers, signed_headers, payload_in_request
             )
-            matched = hmac.compare_digest(_sign(key, string_to_sign(timestamp, scope, creq2)), provided)
+            matched = hmac.compare_digest(
+                _sign(key, string_to_sign(timestamp, scope, creq2)), provided
+            )
         if not matched:
             raise S3Error(
                 "SignatureDoesNotMatch",
@@ -597,9 +597,7 @@ def sign_request(
     all_headers = {**lower, **added}
     signed = sorted(n for n in all_headers if n not in _UNSIGNABLE)
     scope = f"{timestamp[:8]}/{region}/s3/aws4_request"
-    creq = canonical_request(
-        method, path, canonical_query(query), all_headers, signed, body_sha256
-    )
+    creq = canonical_request(method, path, canonical_query(query), all_headers, signed, body_sha256)
     key = derive_signing_key(secret_key, timestamp[:8], region)
     signature = _sign(key, string_to_sign(timestamp, scope, creq))
     added["Authorization"] = (

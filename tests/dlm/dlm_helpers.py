@@ -7,7 +7,9 @@ from cohort.dlm.agent import LockAgent
 from cohort.dlm.transport import MemoryNetwork
 
 
-def make_cluster(n: int, *, deadlock_wait: float | None = 0.2) -> tuple[MemoryNetwork, list[LockAgent]]:
+def make_cluster(
+    n: int, *, deadlock_wait: float | None = 0.2
+) -> tuple[MemoryNetwork, list[LockAgent]]:
     """n agents over an auto-delivering in-memory network, epoch 1."""
     net = MemoryNetwork()
     ids = [f"n{i}" for i in range(n)]

@@ -209,8 +209,12 @@ def test_cancel_waiter_lets_later_compatible_in() -> None:
 
 def test_epoch_token_base_and_recovery_insert() -> None:
     t = LockTable(epoch=3)
-    t.insert_recovered("r", "a", node="n1", owner=None, mode=PR, rqmode=PR, flags=0, start=0, end=10, token=7)
-    t.insert_recovered("r", "b", node="n2", owner=None, mode=-1, rqmode=EX, flags=0, start=0, end=10)
+    t.insert_recovered(
+        "r", "a", node="n1", owner=None, mode=PR, rqmode=PR, flags=0, start=0, end=10, token=7
+    )
+    t.insert_recovered(
+        "r", "b", node="n2", owner=None, mode=-1, rqmode=EX, flags=0, start=0, end=10
+    )
     assert t.settle(["r"]) == []
     ev = t.release("a")
     assert ev[0].key == "b" and ev[0].token == (3 << 32) + 1

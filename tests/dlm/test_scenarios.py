@@ -52,8 +52,9 @@ def run(table: LockTable, line: str) -> list[str]:
         if "range" in kv:
             a, b = kv["range"].split("-")
             start, end = int(a), int(b)
-        evs = table.request(res, key, mode, node=key.split(".")[0], flags=flags,
-                            start=start, end=end)
+        evs = table.request(
+            res, key, mode, node=key.split(".")[0], flags=flags, start=start, end=end
+        )
     elif cmd == "convert":
         evs = table.convert(args[0], Mode[args[1]], flags=flags, value=value)
     elif cmd == "release":

@@ -50,7 +50,9 @@ class DlmMachine(RuleBasedStateMachine):
         return [a for n, a in self.agents.items() if n not in self.net.dead]
 
     def live_handles(self) -> list[Handle]:
-        return [h for h in self.handles if h.agent.node_id not in self.net.dead and h.state != H_DONE]
+        return [
+            h for h in self.handles if h.agent.node_id not in self.net.dead and h.state != H_DONE
+        ]
 
     def _track_grants(self) -> None:
         """Value-block check on every new grant or granted conversion."""
@@ -63,16 +65,28 @@ class DlmMachine(RuleBasedStateMachine):
             assert h.mode is not None
             # one failure never loses the value block's state; two (master and both
             # directory copies) may, which the DLM documents: check up to one crash
-            if (h.mode >= Mode.PR and h.value_valid and self.valid.get(h.name, True)
-                    and self.crash_count <= 1):
-                assert h.value == self.values.get(h.name, b""), (h, h.value, self.values.get(h.name))
+            if (
+                h.mode >= Mode.PR
+                and h.value_valid
+                and self.valid.get(h.name, True)
+                and self.crash_count <= 1
+            ):
+                assert h.value == self.values.get(h.name, b""), (
+                    h,
+                    h.value,
+                    self.values.get(h.name),
+                )
             if not h.value_valid:
                 # value lost: the model forgets it until the next write
                 self.valid[h.name] = False
 
     # ------------------------------------------------------------------ rules
-    @rule(node=st.sampled_from(NODES), res=st.sampled_from(RESOURCES), mode=modes,
-          noqueue=st.booleans())
+    @rule(
+        node=st.sampled_from(NODES),
+        res=st.sampled_from(RESOURCES),
+        mode=modes,
+        noqueue=st.booleans(),
+    )
     def request(self, node: str, res: str, mode: Mode, noqueue: bool) -> None:
         a = self.agents[node]
         if node in self.net.dead or a.fenced:

@@ -26,10 +26,14 @@ class _Raw:
 
 def capture(endpoint: str, **put_kwargs: Any) -> Any:
     client = boto3.client(
-        "s3", endpoint_url=endpoint, aws_access_key_id=AK, aws_secret_access_key=SK,
+        "s3",
+        endpoint_url=endpoint,
+        aws_access_key_id=AK,
+        aws_secret_access_key=SK,
         region_name="us-east-1",
-        config=Config(signature_version="s3v4", s3={"addressing_style": "path"},
-                      retries={"max_attempts": 1}),
+        config=Config(
+            signature_version="s3v4", s3={"addressing_style": "path"}, retries={"max_attempts": 1}
+        ),
     )
     seen: list[Any] = []
 
@@ -50,16 +54,22 @@ def run_server_side(req: Any) -> tuple[bytes, dict[str, str]]:
     if hasattr(body, "read"):
         body = body.read()
     body = body or b""
-    auth = sigv4.verify(req.method, parts.path, parse_qsl(parts.query, keep_blank_values=True),
-                        headers, secret_for, region="us-east-1")
+    auth = sigv4.verify(
+        req.method,
+        parts.path,
+        parse_qsl(parts.query, keep_blank_values=True),
+        headers,
+        secret_for,
+        region="us-east-1",
+    )
     cks_req = parse_checksum_headers(headers)
     cks = cks_req.new_set()
     trailers: dict[str, str] = {}
     if auth.is_streaming:
         dlen = headers.get("X-Amz-Decoded-Content-Length") or headers.get(
-            "x-amz-decoded-content-length")
-        dec = AwsChunkedDecoder(auth, auth.payload_mode,
-                                decoded_length=int(dlen) if dlen else None)
+            "x-amz-decoded-content-length"
+        )
+        dec = AwsChunkedDecoder(auth, auth.payload_mode, decoded_length=int(dlen) if dlen else None)
         out = []
         for i in range(0, len(body), 1000):
             out += dec.feed(body[i : i + 1000])

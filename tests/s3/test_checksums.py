@@ -88,8 +88,9 @@ def test_negotiation_header_checksum() -> None:
 
 def test_negotiation_trailer() -> None:
     body = b"abc" * 100
-    req = parse_checksum_headers({"X-Amz-Trailer": "x-amz-checksum-crc64nvme",
-                                  "x-amz-sdk-checksum-algorithm": "CRC64NVME"})
+    req = parse_checksum_headers(
+        {"X-Amz-Trailer": "x-amz-checksum-crc64nvme", "x-amz-sdk-checksum-algorithm": "CRC64NVME"}
+    )
     assert req.trailer == "CRC64NVME" and req.algorithm == "CRC64NVME"
     s = req.new_set(include_md5=False)
     s.update(body)
@@ -117,13 +118,19 @@ def test_negotiation_no_checksum_computes_nothing_extra() -> None:
         ({"Content-MD5": "notbase64!"}, "InvalidDigest"),
         ({"Content-MD5": base64.b64encode(b"short").decode()}, "InvalidDigest"),
         ({"x-amz-checksum-crc32": "AAAA"}, "InvalidRequest"),
-        ({"x-amz-checksum-crc32": "AAAAAA==", "x-amz-checksum-sha1": _b64("SHA1", b"")},
-         "InvalidRequest"),
+        (
+            {"x-amz-checksum-crc32": "AAAAAA==", "x-amz-checksum-sha1": _b64("SHA1", b"")},
+            "InvalidRequest",
+        ),
         ({"x-amz-sdk-checksum-algorithm": "CRC32"}, "InvalidRequest"),
-        ({"x-amz-sdk-checksum-algorithm": "MD4", "x-amz-checksum-crc32": "AAAAAA=="},
-         "InvalidRequest"),
-        ({"x-amz-sdk-checksum-algorithm": "SHA1", "x-amz-checksum-crc32": "AAAAAA=="},
-         "InvalidRequest"),
+        (
+            {"x-amz-sdk-checksum-algorithm": "MD4", "x-amz-checksum-crc32": "AAAAAA=="},
+            "InvalidRequest",
+        ),
+        (
+            {"x-amz-sdk-checksum-algorithm": "SHA1", "x-amz-checksum-crc32": "AAAAAA=="},
+            "InvalidRequest",
+        ),
         ({"x-amz-trailer": "x-amz-meta-foo"}, "InvalidRequest"),
         ({"x-amz-checksum-type": "weird"}, "InvalidRequest"),
     ],

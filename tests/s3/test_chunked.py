@@ -32,8 +32,12 @@ def example_auth() -> sigv4.AuthResult:
 
 def example_body() -> bytes:
     return (
-        f"10000;chunk-signature={SIG1}\r\n".encode() + b"a" * 65536 + b"\r\n"
-        + f"400;chunk-signature={SIG2}\r\n".encode() + b"a" * 1024 + b"\r\n"
+        f"10000;chunk-signature={SIG1}\r\n".encode()
+        + b"a" * 65536
+        + b"\r\n"
+        + f"400;chunk-signature={SIG2}\r\n".encode()
+        + b"a" * 1024
+        + b"\r\n"
         + f"0;chunk-signature={SIG3}\r\n\r\n".encode()
     )
 
@@ -70,8 +74,9 @@ def test_aws_chunked_example_tampered() -> None:
         decode_all(dec, bytes(body))
     assert ei.value.code == "SignatureDoesNotMatch"
     # chunks cannot be reordered/dropped either: the chain breaks
-    body2 = example_body().replace(f"10000;chunk-signature={SIG1}\r\n".encode() + b"a" * 65536
-                                   + b"\r\n", b"")
+    body2 = example_body().replace(
+        f"10000;chunk-signature={SIG1}\r\n".encode() + b"a" * 65536 + b"\r\n", b""
+    )
     with pytest.raises(S3Error):
         decode_all(AwsChunkedDecoder(auth, auth.payload_mode), body2)
 
@@ -134,8 +139,14 @@ def test_signed_mode_requires_signature() -> None:
 def _trailer_auth() -> sigv4.AuthResult:
     now = datetime(2024, 5, 1, tzinfo=UTC)
     hdrs = sigv4.sign_request(
-        "PUT", "http://h/b/k", {"x-amz-trailer": "x-amz-checksum-crc32"},
-        sigv4.STREAMING_SIGNED_TRAILER, AK, SK, "us-east-1", now=now,
+        "PUT",
+        "http://h/b/k",
+        {"x-amz-trailer": "x-amz-checksum-crc32"},
+        sigv4.STREAMING_SIGNED_TRAILER,
+        AK,
+        SK,
+        "us-east-1",
+        now=now,
     )
     hdrs["x-amz-trailer"] = "x-amz-checksum-crc32"
     return sigv4.verify("PUT", "/b/k", [], hdrs, secret_for, now=now)
@@ -171,8 +182,12 @@ def test_signed_trailer_roundtrip_and_tamper() -> None:
 
 def test_botocore_unsigned_trailer_body() -> None:
     data = bytes(range(256)) * 5000
-    wrapper = AwsChunkedWrapper(io.BytesIO(data), checksum_cls=Crc32Checksum,
-                                checksum_name="x-amz-checksum-crc32", chunk_size=65536)
+    wrapper = AwsChunkedWrapper(
+        io.BytesIO(data),
+        checksum_cls=Crc32Checksum,
+        checksum_name="x-amz-checksum-crc32",
+        chunk_size=65536,
+    )
     body = wrapper.read()
     dec = AwsChunkedDecoder(None, sigv4.STREAMING_UNSIGNED_TRAILER, decoded_length=len(data))
     assert decode_all(dec, body, 10000) == data
@@ -227,8 +242,9 @@ def test_client_streaming_upload_end_to_end() -> None:
         "x-amz-decoded-content-length": str(len(data)),
         "x-amz-trailer": "x-amz-checksum-crc32",
     }
-    signed = sigv4.sign_request("PUT", "http://h:9000/b/k", req_headers,
-                                sigv4.STREAMING_SIGNED_TRAILER, AK, SK, "us-east-1")
+    signed = sigv4.sign_request(
+        "PUT", "http://h:9000/b/k", req_headers, sigv4.STREAMING_SIGNED_TRAILER, AK, SK, "us-east-1"
+    )
     ctx = chunk_context_from_signed_headers(signed, SK)
     body = b"".join(encode_aws_chunked(payload, ctx, {"x-amz-checksum-crc32": _crc32_b64(data)}))
     auth = sigv4.verify("PUT", "/b/k", [], {**req_headers, **signed}, secret_for)

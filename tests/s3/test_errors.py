@@ -6,7 +6,42 @@ from defusedxml import ElementTree
 
 from cohort.s3.errors import ERROR_TABLE, S3Error
 
-REQUIRED = ["AccessDenied", "AuthorizationHeaderMalformed", "BadDigest", "BucketAlreadyExists", "BucketAlreadyOwnedByYou", "BucketNotEmpty", "EntityTooLarge", "EntityTooSmall", "IncompleteBody", "InternalError", "InvalidArgument", "InvalidBucketName", "InvalidDigest", "InvalidPart", "InvalidPartOrder", "InvalidRange", "InvalidRequest", "InvalidAccessKeyId", "KeyTooLongError", "MalformedXML", "MethodNotAllowed", "MissingContentLength", "NoSuchBucket", "NoSuchKey", "NoSuchUpload", "NotImplemented", "PreconditionFailed", "RequestTimeTooSkewed", "SignatureDoesNotMatch", "ServiceUnavailable", "SlowDown", "XAmzContentSHA256Mismatch", "ExpiredToken", "NotModified"]
+REQUIRED = [
+    "AccessDenied",
+    "AuthorizationHeaderMalformed",
+    "BadDigest",
+    "BucketAlreadyExists",
+    "BucketAlreadyOwnedByYou",
+    "BucketNotEmpty",
+    "EntityTooLarge",
+    "EntityTooSmall",
+    "IncompleteBody",
+    "InternalError",
+    "InvalidArgument",
+    "InvalidBucketName",
+    "InvalidDigest",
+    "InvalidPart",
+    "InvalidPartOrder",
+    "InvalidRange",
+    "InvalidRequest",
+    "InvalidAccessKeyId",
+    "KeyTooLongError",
+    "MalformedXML",
+    "MethodNotAllowed",
+    "MissingContentLength",
+    "NoSuchBucket",
+    "NoSuchKey",
+    "NoSuchUpload",
+    "NotImplemented",
+    "PreconditionFailed",
+    "RequestTimeTooSkewed",
+    "SignatureDoesNotMatch",
+    "ServiceUnavailable",
+    "SlowDown",
+    "XAmzContentSHA256Mismatch",
+    "ExpiredToken",
+    "NotModified",
+]
 
 
 def test_table_complete() -> None:

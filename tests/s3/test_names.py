@@ -21,9 +21,27 @@ def test_valid_bucket_names(name: str) -> None:
 
 @pytest.mark.parametrize(
     "name",
-    ["ab", "a" * 64, "MyBucket", "bucket_", "-bucket", "bucket-", ".bucket", "bucket.",
-     "my..bucket", "192.168.5.4", "xn--bucket", "bucket-s3alias", "bu cket", "buck/et",
-     "my.-bucket", "sthree-x", "b--ol-s3", "010.001.001.001", "über"],
+    [
+        "ab",
+        "a" * 64,
+        "MyBucket",
+        "bucket_",
+        "-bucket",
+        "bucket-",
+        ".bucket",
+        "bucket.",
+        "my..bucket",
+        "192.168.5.4",
+        "xn--bucket",
+        "bucket-s3alias",
+        "bu cket",
+        "buck/et",
+        "my.-bucket",
+        "sthree-x",
+        "b--ol-s3",
+        "010.001.001.001",
+        "über",
+    ],
 )
 def test_invalid_bucket_names(name: str) -> None:
     with pytest.raises(S3Error) as ei:
@@ -34,8 +52,12 @@ def test_invalid_bucket_names(name: str) -> None:
 def test_keys() -> None:
     names.validate_key("a" * 1024)
     names.validate_key("é" * 512)
-    for bad, code in [("a" * 1025, "KeyTooLongError"), ("é" * 513, "KeyTooLongError"),
-                      ("", "InvalidArgument"), ("\udc80", "InvalidArgument")]:
+    for bad, code in [
+        ("a" * 1025, "KeyTooLongError"),
+        ("é" * 513, "KeyTooLongError"),
+        ("", "InvalidArgument"),
+        ("\udc80", "InvalidArgument"),
+    ]:
         with pytest.raises(S3Error) as ei:
             names.validate_key(bad)
         assert ei.value.code == code
@@ -64,8 +86,10 @@ def test_parse_range(header: str | None, size: int, expected: tuple[int, int] | 
     assert names.parse_range(header, size) == expected
 
 
-@pytest.mark.parametrize(("header", "size"), [("bytes=10-", 10), ("bytes=10-20", 10),
-                                              ("bytes=-0", 10), ("bytes=0-", 0), ("bytes=-5", 0)])
+@pytest.mark.parametrize(
+    ("header", "size"),
+    [("bytes=10-", 10), ("bytes=10-20", 10), ("bytes=-0", 10), ("bytes=0-", 0), ("bytes=-5", 0)],
+)
 def test_unsatisfiable_range(header: str, size: int) -> None:
     with pytest.raises(S3Error) as ei:
         names.parse_range(header, size)
@@ -140,8 +164,11 @@ def test_dates() -> None:
     dt = datetime(1994, 11, 6, 8, 49, 37, tzinfo=UTC)
     assert names.format_http_date(dt) == "Sun, 06 Nov 1994 08:49:37 GMT"
     assert names.format_http_date(dt.timestamp()) == "Sun, 06 Nov 1994 08:49:37 GMT"
-    for s in ("Sun, 06 Nov 1994 08:49:37 GMT", "Sunday, 06-Nov-94 08:49:37 GMT",
-              "Sun Nov  6 08:49:37 1994"):
+    for s in (
+        "Sun, 06 Nov 1994 08:49:37 GMT",
+        "Sunday, 06-Nov-94 08:49:37 GMT",
+        "Sun Nov  6 08:49:37 1994",
+    ):
         assert names.parse_http_date(s) == dt, s
     assert names.parse_http_date("nonsense") is None
     assert names.parse_http_date(None) is None
@@ -184,8 +211,9 @@ def test_copy_source() -> None:
 
 
 def test_user_metadata() -> None:
-    meta = names.extract_user_metadata({"X-Amz-Meta-Color": "red", "Content-Type": "x",
-                                        "x-amz-meta-n": "ü"})
+    meta = names.extract_user_metadata(
+        {"X-Amz-Meta-Color": "red", "Content-Type": "x", "x-amz-meta-n": "ü"}
+    )
     assert meta == {"x-amz-meta-color": "red", "x-amz-meta-n": "ü"}
     with pytest.raises(S3Error) as ei:
         names.extract_user_metadata({"x-amz-meta-big": "x" * 2046})

@@ -117,10 +117,9 @@ def test_aws_example_presigned() -> None:
         sigv4.verify("GET", parts.path, query, headers, secret_for, now=T0 + timedelta(days=2))
     assert ei.value.code == "AccessDenied" and ei.value.message == "Request has expired"
     # our own presigner produces exactly the documented URL
-    assert sigv4.presign_url("GET", "https://examplebucket.s3.amazonaws.com/test.txt", AK, SK,
-                             "us-east-1", 86400, now=T0).endswith(
-        "X-Amz-Signature=aeeed9bbccd4d02ee5c0109b86d86835f995330da4c265957d157751f604d404"
-    )
+    assert sigv4.presign_url(
+        "GET", "https://examplebucket.s3.amazonaws.com/test.txt", AK, SK, "us-east-1", 86400, now=T0
+    ).endswith("X-Amz-Signature=aeeed9bbccd4d02ee5c0109b86d86835f995330da4c265957d157751f604d404")
 
 
 def chunked_example_headers() -> dict[str, str]:
@@ -241,8 +240,9 @@ def test_sign_request_matches_botocore() -> None:
     now = datetime(2024, 3, 1, 12, 0, 0, tzinfo=UTC)
     url = "http://localhost:9000/bucket/some%20key?uploads="
     body_hash = hashlib.sha256(b"").hexdigest()
-    ours = sigv4.sign_request("POST", url, {"Content-Type": "application/xml"}, body_hash, AK, SK,
-                              "eu-west-3", now=now)
+    ours = sigv4.sign_request(
+        "POST", url, {"Content-Type": "application/xml"}, body_hash, AK, SK, "eu-west-3", now=now
+    )
     theirs = _botocore_sign("POST", url, {"Content-Type": "application/xml"}, b"", now)
     assert ours["Authorization"] == theirs.headers["Authorization"]
     assert ours["host"] == "localhost:9000"
@@ -259,12 +259,20 @@ def test_sign_request_roundtrip_unicode_query() -> None:
 
 
 def test_presign_url_roundtrip_with_signed_header() -> None:
-    url = sigv4.presign_url("PUT", "http://h:81/b/k%2Bplus", AK, SK, "us-east-1", 60,
-                            headers={"Content-Type": "text/plain"})
+    url = sigv4.presign_url(
+        "PUT",
+        "http://h:81/b/k%2Bplus",
+        AK,
+        SK,
+        "us-east-1",
+        60,
+        headers={"Content-Type": "text/plain"},
+    )
     parts = urlsplit(url)
     query = parse_qsl(parts.query, keep_blank_values=True)
-    sigv4.verify("PUT", parts.path, query, {"host": "h:81", "content-type": "text/plain"},
-                 secret_for)
+    sigv4.verify(
+        "PUT", parts.path, query, {"host": "h:81", "content-type": "text/plain"}, secret_for
+    )
     with pytest.raises(S3Error):
         sigv4.verify("PUT", parts.path, query, {"host": "h:81", "content-type": "x/y"}, secret_for)
 
@@ -279,8 +287,9 @@ def test_unencoded_path_variant_accepted() -> None:
 def test_repeated_headers_joined() -> None:
     now = datetime.now(UTC)
     url = "http://h/b/k"
-    hdrs = sigv4.sign_request("GET", url, {"x-amz-meta-a": "1,2"}, sigv4.UNSIGNED_PAYLOAD, AK, SK,
-                              "r", now=now)
+    hdrs = sigv4.sign_request(
+        "GET", url, {"x-amz-meta-a": "1,2"}, sigv4.UNSIGNED_PAYLOAD, AK, SK, "r", now=now
+    )
     md: CIMultiDict[str] = CIMultiDict(hdrs)
     md.add("X-Amz-Meta-A", "1")
     md.add("x-amz-meta-a", " 2 ")
@@ -291,9 +300,12 @@ def test_repeated_headers_joined() -> None:
 
 
 def _signed(now: datetime, **extra: str) -> dict[str, str]:
-    return {"host": "h", **sigv4.sign_request("GET", "http://h/b/k", dict(extra),
-                                              sigv4.UNSIGNED_PAYLOAD, AK, SK, "us-east-1",
-                                              now=now)}
+    return {
+        "host": "h",
+        **sigv4.sign_request(
+            "GET", "http://h/b/k", dict(extra), sigv4.UNSIGNED_PAYLOAD, AK, SK, "us-east-1", now=now
+        ),
+    }
 
 
 def test_errors() -> None:
@@ -342,8 +354,7 @@ def test_presign_limits() -> None:
         sigv4.verify("GET", "/b/k", missing, {"host": "h"}, secret_for, now=now)
     assert ei.value.code == "AuthorizationQueryParametersError"
     with pytest.raises(S3Error) as ei:
-        sigv4.verify("GET", "/b/k", query, {"host": "h"}, secret_for,
-                     now=now - timedelta(hours=1))
+        sigv4.verify("GET", "/b/k", query, {"host": "h"}, secret_for, now=now - timedelta(hours=1))
     assert ei.value.code == "AccessDenied"
     with pytest.raises(ValueError):
         sigv4.presign_url("GET", "http://h/b/k", AK, SK, "us-east-1", 604801)
@@ -353,16 +364,19 @@ def test_check_payload_sha256_and_double_auth() -> None:
     now = datetime(2024, 1, 1, tzinfo=UTC)
     body = b"abc"
     digest = hashlib.sha256(body).hexdigest()
-    hdrs = {"host": "h", **sigv4.sign_request("PUT", "http://h/b/k", {}, digest, AK, SK, "r",
-                                              now=now)}
+    hdrs = {
+        "host": "h",
+        **sigv4.sign_request("PUT", "http://h/b/k", {}, digest, AK, SK, "r", now=now),
+    }
     r = sigv4.verify("PUT", "/b/k", [], hdrs, secret_for, now=now)
     sigv4.check_payload_sha256(r, digest)
     with pytest.raises(S3Error) as ei:
         sigv4.check_payload_sha256(r, hashlib.sha256(b"abd").hexdigest())
     assert ei.value.code == "XAmzContentSHA256Mismatch"
     with pytest.raises(S3Error) as ei:
-        sigv4.verify("PUT", "/b/k", [("X-Amz-Algorithm", "AWS4-HMAC-SHA256")], hdrs, secret_for,
-                     now=now)
+        sigv4.verify(
+            "PUT", "/b/k", [("X-Amz-Algorithm", "AWS4-HMAC-SHA256")], hdrs, secret_for, now=now
+        )
     assert ei.value.code == "InvalidArgument"
 
 
@@ -387,5 +401,11 @@ def test_sign_verify_roundtrip_arbitrary(key: str, query: list[tuple[str, str]])
     assert sorted(pairs) == sorted(query)
     sigv4.verify("GET", parts.path, pairs, hdrs, secret_for, now=now)
     presigned = urlsplit(sigv4.presign_url("GET", url, AK, SK, "r", now=now))
-    sigv4.verify("GET", presigned.path, parse_qsl(presigned.query, keep_blank_values=True),
-                 {"host": "h"}, secret_for, now=now)
+    sigv4.verify(
+        "GET",
+        presigned.path,
+        parse_qsl(presigned.query, keep_blank_values=True),
+        {"host": "h"},
+        secret_for,
+        now=now,
+    )

@@ -82,10 +82,12 @@ def test_parse_complete_multipart() -> None:
     with pytest.raises(S3Error) as ei:
         xmlio.parse_complete_multipart(bad_order)
     assert ei.value.code == "InvalidPartOrder"
-    for bad in (b"<CompleteMultipartUpload/>",
-                b"<CompleteMultipartUpload><Part><PartNumber>x</PartNumber><ETag>e</ETag></Part>"
-                b"</CompleteMultipartUpload>",
-                b"<CompleteMultipartUpload><Part><ETag>e</ETag></Part></CompleteMultipartUpload>"):
+    for bad in (
+        b"<CompleteMultipartUpload/>",
+        b"<CompleteMultipartUpload><Part><PartNumber>x</PartNumber><ETag>e</ETag></Part>"
+        b"</CompleteMultipartUpload>",
+        b"<CompleteMultipartUpload><Part><ETag>e</ETag></Part></CompleteMultipartUpload>",
+    ):
         with pytest.raises(S3Error) as ei:
             xmlio.parse_complete_multipart(bad)
         assert ei.value.code == "MalformedXML"
@@ -99,16 +101,22 @@ def test_parse_complete_multipart() -> None:
 
 def test_parse_create_bucket_and_versioning() -> None:
     assert xmlio.parse_create_bucket(b"") is None
-    assert xmlio.parse_create_bucket(
-        f'<CreateBucketConfiguration xmlns="{NS}"><LocationConstraint>eu-west-3'
-        "</LocationConstraint></CreateBucketConfiguration>".encode()
-    ) == "eu-west-3"
+    assert (
+        xmlio.parse_create_bucket(
+            f'<CreateBucketConfiguration xmlns="{NS}"><LocationConstraint>eu-west-3'
+            "</LocationConstraint></CreateBucketConfiguration>".encode()
+        )
+        == "eu-west-3"
+    )
     assert xmlio.parse_create_bucket(b"<CreateBucketConfiguration/>") is None
     with pytest.raises(S3Error):
         xmlio.parse_create_bucket(b"<nope")
-    assert xmlio.parse_versioning(
-        b"<VersioningConfiguration><Status>Enabled</Status></VersioningConfiguration>"
-    ) == "Enabled"
+    assert (
+        xmlio.parse_versioning(
+            b"<VersioningConfiguration><Status>Enabled</Status></VersioningConfiguration>"
+        )
+        == "Enabled"
+    )
     with pytest.raises(S3Error):
         xmlio.parse_versioning(b"<VersioningConfiguration/>")
 
@@ -136,8 +144,15 @@ OBJS = [
 
 def test_list_objects_v2() -> None:
     r = xmlio.ListObjectsResult(
-        name="bkt", prefix="", delimiter="/", max_keys=2, is_truncated=True, contents=OBJS,
-        common_prefixes=["p/"], continuation_token="tok", next_continuation_token="next",
+        name="bkt",
+        prefix="",
+        delimiter="/",
+        max_keys=2,
+        is_truncated=True,
+        contents=OBJS,
+        common_prefixes=["p/"],
+        continuation_token="tok",
+        next_continuation_token="next",
         start_after="a",
     )
     out = parse("ListObjectsV2", xmlio.render_list_objects_v2(r))
@@ -152,8 +167,14 @@ def test_list_objects_v2() -> None:
 
 
 def test_list_objects_url_encoding() -> None:
-    r = xmlio.ListObjectsResult(name="bkt", prefix="dir/ü", contents=OBJS, encoding_type="url",
-                                common_prefixes=["x+y z/"], delimiter="/")
+    r = xmlio.ListObjectsResult(
+        name="bkt",
+        prefix="dir/ü",
+        contents=OBJS,
+        encoding_type="url",
+        common_prefixes=["x+y z/"],
+        delimiter="/",
+    )
     body = xmlio.render_list_objects_v2(r)
     out = parse("ListObjectsV2", body)
     assert out["EncodingType"] == "url"
@@ -164,8 +185,9 @@ def test_list_objects_url_encoding() -> None:
 
 
 def test_list_objects_v1() -> None:
-    r = xmlio.ListObjectsResult(name="bkt", marker="m", next_marker="dir/ü+x y",
-                                is_truncated=True, contents=OBJS)
+    r = xmlio.ListObjectsResult(
+        name="bkt", marker="m", next_marker="dir/ü+x y", is_truncated=True, contents=OBJS
+    )
     out = parse("ListObjects", xmlio.render_list_objects_v1(r))
     assert out["Marker"] == "m" and out["NextMarker"] == "dir/ü+x y"
     assert out["Contents"][1]["Owner"] == {"ID": "o"}
@@ -191,21 +213,35 @@ def test_delete_result() -> None:
 def test_multipart_documents() -> None:
     out = parse("CreateMultipartUpload", xmlio.render_initiate_multipart("b", "k&", "u1"))
     assert (out["Bucket"], out["Key"], out["UploadId"]) == ("b", "k&", "u1")
-    out = parse("CompleteMultipartUpload",
-                xmlio.render_complete_multipart("http://h/b/k", "b", "k", "abc-2",
-                                                {"CRC32": "AAAAAA=="}, "COMPOSITE"))
+    out = parse(
+        "CompleteMultipartUpload",
+        xmlio.render_complete_multipart(
+            "http://h/b/k", "b", "k", "abc-2", {"CRC32": "AAAAAA=="}, "COMPOSITE"
+        ),
+    )
     assert out["ETag"] == '"abc-2"' and out["ChecksumCRC32"] == "AAAAAA=="
     assert out["ChecksumType"] == "COMPOSITE"
-    r = xmlio.ListPartsResult("b", "k", "u1", parts=[xmlio.PartInfo(1, T, "e1", 5),
-                                                      xmlio.PartInfo(2, T, "e2", 6)],
-                              max_parts=2, is_truncated=True, owner=xmlio.Owner("o"))
+    r = xmlio.ListPartsResult(
+        "b",
+        "k",
+        "u1",
+        parts=[xmlio.PartInfo(1, T, "e1", 5), xmlio.PartInfo(2, T, "e2", 6)],
+        max_parts=2,
+        is_truncated=True,
+        owner=xmlio.Owner("o"),
+    )
     out = parse("ListParts", xmlio.render_list_parts(r))
     assert [p["PartNumber"] for p in out["Parts"]] == [1, 2]
     assert out["NextPartNumberMarker"] == 2 and out["IsTruncated"] is True
     assert out["Parts"][0]["LastModified"] == T and out["Parts"][1]["Size"] == 6
-    u = xmlio.ListUploadsResult("b", uploads=[xmlio.UploadInfo("k 1", "u1", T)],
-                                common_prefixes=["d/"], is_truncated=True,
-                                next_key_marker="k 1", next_upload_id_marker="u1")
+    u = xmlio.ListUploadsResult(
+        "b",
+        uploads=[xmlio.UploadInfo("k 1", "u1", T)],
+        common_prefixes=["d/"],
+        is_truncated=True,
+        next_key_marker="k 1",
+        next_upload_id_marker="u1",
+    )
     out = parse("ListMultipartUploads", xmlio.render_list_multipart_uploads(u))
     assert out["Uploads"][0]["Key"] == "k 1" and out["Uploads"][0]["Initiated"] == T
     assert out["NextUploadIdMarker"] == "u1" and out["CommonPrefixes"] == [{"Prefix": "d/"}]
@@ -232,8 +268,11 @@ from hypothesis import strategies as st  # noqa: E402
 
 
 @settings(max_examples=60, deadline=None)
-@given(keys=st.lists(st.text(st.characters(blacklist_categories=("Cs",)), min_size=1,
-                             max_size=30), max_size=5))
+@given(
+    keys=st.lists(
+        st.text(st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=30), max_size=5
+    )
+)
 def test_url_encoded_listing_roundtrips_any_key(keys: list[str]) -> None:
     objs = [xmlio.ObjectInfo(k, T, "e", 1) for k in keys]
     r = xmlio.ListObjectsResult(name="b", contents=objs, encoding_type="url")
