@@ -323,6 +323,7 @@ class LocalCluster:
         """Each member's Prometheus endpoint, as it reported it to the coordinator (servers
         and the coordinator use a side port; directors serve ``/_cohort/metrics``)."""
         import asyncio
+        import concurrent.futures
 
         from cohort.coord import connect
 
@@ -333,8 +334,19 @@ class LocalCluster:
             finally:
                 await c.close()
 
+        def fetch() -> dict[str, Any]:
+            return asyncio.run(get_view())
+
         try:
-            view = asyncio.run(get_view())
+            try:
+                asyncio.get_running_loop()
+            except RuntimeError:
+                view = fetch()
+            else:
+                # called from inside an event loop (a test's restart callback):
+                # asyncio.run cannot nest, so fetch from a helper thread
+                with concurrent.futures.ThreadPoolExecutor(1) as ex:
+                    view = ex.submit(fetch).result(timeout=15)
         except Exception:  # best effort: cluster.json must be written regardless
             return {}
         out = {
