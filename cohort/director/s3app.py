@@ -518,7 +518,7 @@ class S3App:
                 k, size, etag, mtime = e
                 contents.append(
                     xmlio.ObjectInfo(
-                        key=k, last_modified=_dt(mtime), etag=etag, size=size, owner=owner
+                        key=k, last_modified=mtime, etag=etag, size=size, owner=owner
                     )
                 )
         last = entries[-1][0] if entries else ""

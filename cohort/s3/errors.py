@@ -178,13 +178,16 @@ def error_status(code: str) -> int:
 
 _INVALID_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
 _XML_ESCAPES = str.maketrans({"&": "&amp;", "<": "&lt;", ">": "&gt;"})
+_NEEDS_WORK = re.compile("[&<>\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
 
 
 def xml_text(value: str) -> str:
     """Escape ``value`` for XML character data (invalid XML 1.0 chars -> U+FFFD)."""
     # XML 1.0 cannot carry most C0 controls even escaped; S3 keys may contain them, so
     # replace rather than produce a document clients cannot parse.  (Hot path of every
-    # listing: a regex search and str.translate, no per-character Python loop.)
+    # listing: one regex search decides, almost always "nothing to do".)
+    if _NEEDS_WORK.search(value) is None:
+        return value
     if _INVALID_XML.search(value) is not None:
         value = _INVALID_XML.sub("\ufffd", value)
     return value.translate(_XML_ESCAPES)

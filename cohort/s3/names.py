@@ -180,13 +180,22 @@ def parse_http_date(value: str | None) -> datetime | None:
     return dt.astimezone(UTC)
 
 
+_SECOND_CACHE: dict[int, str] = {}
+
+
 def format_iso8601(when: datetime | float) -> str:
     """``2024-01-02T03:04:05.678Z`` as S3 XML uses (milliseconds, UTC)."""
     if isinstance(when, int | float):
-        # listings format thousands of these: time.strftime on a struct is cheapest
+        # listings format thousands of these, mostly from a few distinct seconds: the
+        # formatted second is cached, only the milliseconds are formatted every time
         secs = int(when)
         ms = min(999, int((when - secs) * 1000))
-        return time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(secs)) + f"{ms:03d}Z"
+        head = _SECOND_CACHE.get(secs)
+        if head is None:
+            if len(_SECOND_CACHE) >= 4096:
+                _SECOND_CACHE.clear()
+            head = _SECOND_CACHE[secs] = time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(secs))
+        return f"{head}{ms:03d}Z"
     dt = when if when.tzinfo is not None else when.replace(tzinfo=UTC)
     dt = dt.astimezone(UTC)
     return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"

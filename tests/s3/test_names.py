@@ -230,3 +230,13 @@ def test_bucket_from_host() -> None:
     assert names.bucket_from_host("127.0.0.1:9000", bases) is None
     assert names.bucket_from_host("[::1]:9000", bases) is None
     assert names.bucket_from_host(None, bases) is None
+
+
+@given(st.floats(min_value=0, max_value=4_102_444_800, allow_nan=False))
+def test_format_iso8601_float_matches_datetime(ts: float) -> None:
+    """The float path (a per-second cache, for listings) agrees with the datetime path."""
+    secs = int(ts)
+    ms = min(999, int((ts - secs) * 1000))
+    dt = datetime.fromtimestamp(secs, UTC).replace(microsecond=ms * 1000)
+    assert names.format_iso8601(ts) == names.format_iso8601(dt)
+    assert names.format_iso8601(ts) == names.format_iso8601(ts)  # cached: same answer
