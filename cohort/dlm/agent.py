@@ -49,10 +49,10 @@ import inspect
 import itertools
 import logging
 import time
-from collections.abc import Callable, Coroutine, Generator
-from types import TracebackType
+from collections.abc import Callable
 from typing import Any
 
+from cohort.dlm.call import AcquireCall
 from cohort.dlm.errors import DlmError, LockLost, UsageError, denial_error
 from cohort.dlm.modes import Mode, parse_mode
 from cohort.dlm.resource import (
@@ -251,46 +251,9 @@ class Handle:
         self.agent._release(self)
 
 
-class LockCall(Coroutine[Any, Any, Handle]):
-    """What :meth:`LockAgent.lock` returns: ``await`` it (or ``create_task`` it) for a
-    :class:`Handle`, or use ``async with`` to release on exit."""
-
-    __slots__ = ("_coro", "agent", "args", "handle")
-
-    def __init__(self, agent: LockAgent, args: tuple[Any, ...]) -> None:
-        self.agent = agent
-        self.args = args
-        self.handle: Handle | None = None
-        self._coro: Coroutine[Any, Any, Handle] | None = None
-
-    def _get(self) -> Coroutine[Any, Any, Handle]:
-        if self._coro is None:
-            self._coro = self.agent._acquire(*self.args)
-        return self._coro
-
-    def __await__(self) -> Generator[Any, None, Handle]:
-        return self._get().__await__()
-
-    def send(self, value: Any) -> Any:
-        return self._get().send(value)
-
-    def throw(self, typ: Any, val: Any = None, tb: Any = None) -> Any:
-        return self._get().throw(typ, val, tb)
-
-    def close(self) -> None:
-        if self._coro is not None:
-            self._coro.close()
-
-    async def __aenter__(self) -> Handle:
-        self.handle = await self.agent._acquire(*self.args)
-        return self.handle
-
-    async def __aexit__(
-        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        h = self.handle
-        if h is not None:
-            self.agent._release(h)
+#: What :meth:`LockAgent.lock` returns: ``await`` it (or ``create_task`` it) for a
+#: :class:`Handle`, or use ``async with`` to release on exit.
+LockCall = AcquireCall[Handle]
 
 
 class _Recovering:
@@ -386,9 +349,8 @@ class LockAgent:
         flags = (NOQUEUE if noqueue else 0) | (EXPEDITE if expedite else 0)
         if on_blocking is not None:
             flags |= BLOCKING
-        return LockCall(
-            self, (name, parse_mode(mode), timeout, flags, on_blocking, parent, range, owner)
-        )
+        args = (name, parse_mode(mode), timeout, flags, on_blocking, parent, range, owner)
+        return AcquireCall(lambda: self._acquire(*args), self._release)
 
     def set_membership(self, epoch: int, members: dict[str, str]) -> None:
         """A new membership epoch from the coordinator (node id -> "host:port").

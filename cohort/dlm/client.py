@@ -21,11 +21,11 @@ import asyncio
 import contextlib
 import itertools
 import time
-from collections.abc import Callable, Coroutine, Generator
-from types import TracebackType
+from collections.abc import Callable
 from typing import Any
 
 from cohort.dlm.agent import Handle, LockAgent, LostFlag
+from cohort.dlm.call import AcquireCall
 from cohort.dlm.errors import (
     Cancelled,
     DeadlockError,
@@ -215,47 +215,6 @@ class RemoteHandle:
         await self.release()
 
 
-class _RemoteLockCall(Coroutine[Any, Any, RemoteHandle]):
-    """Await it (or ``create_task`` it) for a handle, or ``async with`` it."""
-
-    def __init__(
-        self, client: DlmClient, args: list[Any], on_blocking: Callable[[Mode], Any] | None
-    ) -> None:
-        self.client = client
-        self.args = args
-        self.on_blocking = on_blocking
-        self.handle: RemoteHandle | None = None
-        self._coro: Coroutine[Any, Any, RemoteHandle] | None = None
-
-    def _get(self) -> Coroutine[Any, Any, RemoteHandle]:
-        if self._coro is None:
-            self._coro = self.client._lock(self.args, self.on_blocking)
-        return self._coro
-
-    def __await__(self) -> Generator[Any, None, RemoteHandle]:
-        return self._get().__await__()
-
-    def send(self, value: Any) -> Any:
-        return self._get().send(value)
-
-    def throw(self, typ: Any, val: Any = None, tb: Any = None) -> Any:
-        return self._get().throw(typ, val, tb)
-
-    def close(self) -> None:
-        if self._coro is not None:
-            self._coro.close()
-
-    async def __aenter__(self) -> RemoteHandle:
-        self.handle = await self.client._lock(self.args, self.on_blocking)
-        return self.handle
-
-    async def __aexit__(
-        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        if self.handle is not None:
-            await self.handle.release()
-
-
 class DlmClient:
     """Takes locks from a running agent at ``address`` ("host:port") over TCP."""
 
@@ -293,13 +252,10 @@ class DlmClient:
         timeout: float | None = None,
         noqueue: bool = False,
         on_blocking: Callable[[Mode], Any] | None = None,
-    ) -> _RemoteLockCall:
+    ) -> AcquireCall[RemoteHandle]:
         """Like :meth:`LockAgent.lock` (await it or use ``async with``)."""
-        return _RemoteLockCall(
-            self,
-            [name, int(parse_mode(mode)), timeout, noqueue, on_blocking is not None],
-            on_blocking,
-        )
+        args = [name, int(parse_mode(mode)), timeout, noqueue, on_blocking is not None]
+        return AcquireCall(lambda: self._lock(args, on_blocking), RemoteHandle.release)
 
     async def _lock(
         self, args: list[Any], on_blocking: Callable[[Mode], Any] | None
