@@ -71,14 +71,7 @@ STORE_RE = re.compile(
 
 # ------------------------------------------------------------------------------ cluster probes
 def view(cluster: LocalCluster) -> dict[str, Any]:
-    async def get() -> dict[str, Any]:
-        c = connect(cluster.coordinator_address)
-        try:
-            return await c.view()
-        finally:
-            await c.close()
-
-    return asyncio.run(get())
+    return cluster.view()
 
 
 def server_rpc(cluster: LocalCluster, method: str) -> dict[str, dict[str, Any]]:

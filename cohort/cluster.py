@@ -319,9 +319,11 @@ class LocalCluster:
             host, _, port = proc.address.rpartition(":")
             proxy.retarget(host, int(port))
 
-    def metrics_urls(self) -> dict[str, str]:
-        """Each member's Prometheus endpoint, as it reported it to the coordinator (servers
-        and the coordinator use a side port; directors serve ``/_cohort/metrics``)."""
+    def view(self, timeout: float = 15.0) -> dict[str, Any]:
+        """The coordinator's current cluster view (members, partition map, buckets).
+
+        Blocking; callable from plain code and from inside an event loop (a test's
+        callback), where ``asyncio.run`` cannot nest and a helper thread is used."""
         import asyncio
         import concurrent.futures
 
@@ -335,18 +337,20 @@ class LocalCluster:
                 await c.close()
 
         def fetch() -> dict[str, Any]:
-            return asyncio.run(get_view())
+            return asyncio.run(asyncio.wait_for(get_view(), timeout))
 
         try:
-            try:
-                asyncio.get_running_loop()
-            except RuntimeError:
-                view = fetch()
-            else:
-                # called from inside an event loop (a test's restart callback):
-                # asyncio.run cannot nest, so fetch from a helper thread
-                with concurrent.futures.ThreadPoolExecutor(1) as ex:
-                    view = ex.submit(fetch).result(timeout=15)
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return fetch()
+        with concurrent.futures.ThreadPoolExecutor(1) as ex:
+            return ex.submit(fetch).result(timeout=timeout + 1)
+
+    def metrics_urls(self) -> dict[str, str]:
+        """Each member's Prometheus endpoint, as it reported it to the coordinator (servers
+        and the coordinator use a side port; directors serve ``/_cohort/metrics``)."""
+        try:
+            view = self.view()
         except Exception:  # best effort: cluster.json must be written regardless
             return {}
         out = {

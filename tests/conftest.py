@@ -49,19 +49,7 @@ def s3_client(cluster: LocalCluster, **config: Any) -> Any:
 
 def cluster_ready(cluster: LocalCluster) -> bool:
     """Every partition has an owner that holds its lock."""
-    import asyncio
-
-    from cohort.coord.client import RpcCoordinator
-
-    async def check() -> bool:
-        c = RpcCoordinator(cluster.coordinator_address)
-        try:
-            v = await c.view()
-            return all(p[0] is not None and p[0] == p[2] for p in v["partitions"])
-        finally:
-            await c.close()
-
-    return asyncio.run(check())
+    return all(p[0] is not None and p[0] == p[2] for p in cluster.view()["partitions"])
 
 
 def start_cluster(tmp: Path, **kw: Any) -> LocalCluster:

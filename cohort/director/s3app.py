@@ -517,9 +517,7 @@ class S3App:
             else:
                 k, size, etag, mtime = e
                 contents.append(
-                    xmlio.ObjectInfo(
-                        key=k, last_modified=mtime, etag=etag, size=size, owner=owner
-                    )
+                    xmlio.ObjectInfo(key=k, last_modified=mtime, etag=etag, size=size, owner=owner)
                 )
         last = entries[-1][0] if entries else ""
         result = xmlio.ListObjectsResult(

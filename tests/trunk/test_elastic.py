@@ -19,18 +19,11 @@ from tests.conftest import cluster_ready, s3_client, start_cluster, wait_for
 
 
 def view(cluster: LocalCluster) -> dict[str, Any]:
-    async def get() -> dict[str, Any]:
-        c = connect(cluster.coordinator_address)
-        try:
-            return await c.view()
-        finally:
-            await c.close()
-
-    return asyncio.run(get())
+    return cluster.view()
 
 
 def owners(cluster: LocalCluster) -> Counter[str | None]:
-    return Counter(p[0] for p in view(cluster)["partitions"])
+    return Counter(p[0] for p in cluster.view()["partitions"])
 
 
 def set_state(cluster: LocalCluster, member: str, state: str) -> None:

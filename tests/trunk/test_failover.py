@@ -21,7 +21,6 @@ from typing import Any
 import pytest
 
 from cohort.cluster import LocalCluster
-from cohort.coord.client import RpcCoordinator
 from cohort.oplog.log import segment_epochs
 from cohort.partitioning import partition_of
 from cohort.storage.local import LocalStore
@@ -29,14 +28,7 @@ from tests.conftest import s3_client, start_cluster, wait_for
 
 
 def view_of(cluster: LocalCluster) -> dict[str, Any]:
-    async def get() -> dict[str, Any]:
-        c = RpcCoordinator(cluster.coordinator_address)
-        try:
-            return await c.view()
-        finally:
-            await c.close()
-
-    return asyncio.run(get())
+    return cluster.view()
 
 
 class Load:
