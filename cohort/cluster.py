@@ -252,7 +252,13 @@ class LocalCluster:
         return self
 
     def add_server(
-        self, sid: str, *, write: bool = True, capacity: float = 1.0, standby: bool = False
+        self,
+        sid: str,
+        *,
+        write: bool = True,
+        capacity: float = 1.0,
+        standby: bool = False,
+        tags: list[str] | None = None,
     ) -> Proc:
         advertise: list[str] = []
         if self.use_proxies:
@@ -275,6 +281,7 @@ class LocalCluster:
                 "--capacity",
                 str(capacity),
                 *(["--standby"] if standby else []),
+                *(a for t in tags or [] for a in ("--tag", t)),
                 *advertise,
                 *self.server_args,
             ],

@@ -20,12 +20,16 @@ Example (``/etc/cohort/cohort.toml``)::
     [server]
     port = 7000
     capacity = 1.0
+    tags = ["eu"]                    # optional labels for the directors' balancing rules
     upload_expiry_seconds = 604800   # abort multipart uploads older than this
     orphan_age_seconds = 3600        # delete blobs nothing references after this long
 
     [director]
     port = 9000
     domains = ["s3.example.com"]     # optional: virtual-hosted style (bucket.s3.example.com)
+    balance = "weighted"             # reads with replicas: round-robin | weighted |
+                                     # least-outstanding, or a table of rules:
+    # balance = { policy = "rules", then = "weighted", rules = [{ hours = "08-18", tag = "eu" }] }
 
     [coordinator]             # the embedded coordinator (only without etcd), or with
     port = 7100               # etcd: a dedicated primary candidate (no port, no data)
@@ -36,6 +40,7 @@ Example (``/etc/cohort/cohort.toml``)::
 
 from __future__ import annotations
 
+import json
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,12 +67,14 @@ class NodeConfig:
     server_port: int = 7000
     server_id: str = ""
     capacity: float = 1.0
+    tags: list[str] = field(default_factory=list)
     standby: bool = False
     upload_expiry_seconds: float = 7 * 86400.0
     orphan_age_seconds: float = 3600.0
     director_port: int = 9000
     domains: list[str] = field(default_factory=list)
     director_id: str = ""
+    balance: str = "round-robin"  # a policy name, or JSON for cohort.director.policy
     coordinator_port: int = 7100
     coordinator_data_dir: str = "/var/lib/cohort/coordinator"
     log_dir: str = ""
@@ -109,6 +116,19 @@ def _get(doc: dict[str, Any], section: str, key: str, kind: type, default: Any =
     return v
 
 
+def _balance(value: Any) -> str:
+    """``[director] balance``: a policy name or a table, checked now, passed on as text."""
+    from cohort.director.policy import from_config
+
+    if not isinstance(value, str | dict):
+        raise ConfigError("[director] balance must be a policy name or a table")
+    try:
+        from_config(value)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"[director] balance: {e}") from None
+    return value if isinstance(value, str) else json.dumps(value)
+
+
 def parse_config(text: str, source: str = "<string>") -> NodeConfig:
     try:
         doc = tomllib.loads(text)
@@ -133,12 +153,14 @@ def parse_config(text: str, source: str = "<string>") -> NodeConfig:
             server_port=_get(doc, "server", "port", int, 7000),
             server_id=_get(doc, "server", "id", str, node_id),
             capacity=_get(doc, "server", "capacity", float, 1.0),
+            tags=[str(t) for t in _get(doc, "server", "tags", list, [])],
             standby=bool(doc.get("server", {}).get("standby", False)),
             upload_expiry_seconds=_get(doc, "server", "upload_expiry_seconds", float, 7 * 86400.0),
             orphan_age_seconds=_get(doc, "server", "orphan_age_seconds", float, 3600.0),
             director_port=_get(doc, "director", "port", int, 9000),
             domains=[str(d) for d in doc.get("director", {}).get("domains", [])],
             director_id=_get(doc, "director", "id", str, f"director-{node_id}"),
+            balance=_balance(doc.get("director", {}).get("balance", "round-robin")),
             coordinator_port=_get(doc, "coordinator", "port", int, 7100),
             coordinator_data_dir=_get(
                 doc, "coordinator", "data_dir", str, "/var/lib/cohort/coordinator"

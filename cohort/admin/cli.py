@@ -189,6 +189,8 @@ def server_role(config: ConfigFile = Path("/etc/cohort/cohort.toml")) -> None:
             "--port", str(cfg.server_port), "--capacity", str(cfg.capacity)]  # fmt: skip
     if cfg.standby:
         argv.append("--standby")
+    for t in cfg.tags:
+        argv += ["--tag", t]
     argv += ["--upload-expiry-seconds", str(cfg.upload_expiry_seconds),
              "--orphan-age-seconds", str(cfg.orphan_age_seconds)]  # fmt: skip
     if cfg.log_file(cfg.server_id):
@@ -210,6 +212,7 @@ def director_role(config: ConfigFile = Path("/etc/cohort/cohort.toml")) -> None:
             "--host", cfg.address, "--port", str(cfg.director_port)]  # fmt: skip
     for d in cfg.domains:
         argv += ["--domain", d]
+    argv += ["--balance", cfg.balance]
     if cfg.log_file(cfg.director_id):
         argv += ["--log-file", cfg.log_file(cfg.director_id)]
     service.main(argv)

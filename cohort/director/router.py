@@ -17,9 +17,11 @@ import asyncio
 import contextlib
 import logging
 import time
+from dataclasses import replace
 from typing import Any
 
 from cohort.coord.base import Coordinator
+from cohort.director.policy import Candidate, Chooser, NoCandidate, Request, RoundRobin
 from cohort.rpc import ClientPool, RpcConnectionError, RpcError, RpcTimeout
 
 log = logging.getLogger("cohort.director.router")
@@ -39,6 +41,7 @@ class Router:
         deadline: float = 15.0,
         rpc_timeout: float = 5.0,
         hot_reads: float = 0.0,
+        policy: Chooser | None = None,
     ) -> None:
         # hot read-only spreading: a partition read more than ``hot_reads`` times a
         # second (0 = never) gets read replicas on other servers
@@ -46,7 +49,10 @@ class Router:
         self.readers: dict[int, list[str]] = {}
         self._read_window: dict[int, list[float]] = {}  # p -> [window start, reads]
         self._spreading: set[int] = set()
-        self._rr = 0
+        # who serves a read that owner and replicas could both serve (docs/architecture.md,
+        # "Balancing policies"); everything else goes to the owner
+        self.policy: Chooser = policy if policy is not None else RoundRobin()
+        self.candidates: dict[str, Candidate] = {}  # address -> the server, as a candidate
         self._bg: set[asyncio.Task[Any]] = set()
         self.coord = coord
         self.pool = ClientPool()
@@ -88,6 +94,16 @@ class Router:
             for m in view["members"]
             if m["role"] == "server" and m["state"] in ("alive", "draining")
         }
+        self.candidates = {
+            m["address"]: Candidate(
+                address=m["address"],
+                server=m["id"],
+                capacity=float(m.get("capacity") or 1.0),
+                tags=frozenset((m.get("meta") or {}).get("tags") or ()),
+            )
+            for m in view["members"]
+            if m["role"] == "server" and m["state"] in ("alive", "draining")
+        }
         self.buckets = {b["name"]: b for b in view["buckets"]}
         live = set(self.addresses.values())
         for p, readers in list(self.readers.items()):
@@ -109,26 +125,59 @@ class Router:
                 await asyncio.sleep(0.2)
 
     # -- reads: owner or read replicas ----------------------------------------------------
-    async def read(self, p: int, method: str, params: dict[str, Any]) -> Any:
+    async def read(
+        self,
+        p: int,
+        method: str,
+        params: dict[str, Any],
+        *,
+        bucket: str = "",
+        tenant: str = "default",
+    ) -> Any:
         """A read of partition ``p``: from its owner or, when the partition is hot and
-        has read replicas, spread round-robin over owner and replicas.  A replica that no
-        longer holds its copy answers ``NotReader`` and is forgotten; the owner answers."""
+        has read replicas, from the owner or a replica as the balancing policy chooses.
+        A replica that no longer holds its copy answers ``NotReader`` and is forgotten;
+        the owner answers instead."""
         if self.hot_reads > 0:
             self._count_read(p)
             readers = self.readers.get(p)
-            if readers:
-                self._rr += 1
-                pick = self._rr % (len(readers) + 1)
-                if pick:
-                    addr = readers[pick - 1]
+            owner = self.owner_address(p)
+            if readers and owner is not None:
+                pick = self._choose(p, owner, readers, method, bucket, tenant)
+                if pick is not None and not pick.owner:
+                    self.policy.started(pick)
                     try:
-                        return await self.pool.get(addr).call(
+                        return await self.pool.get(pick.address).call(
                             method, {**params, "replica": True}, timeout=self.rpc_timeout
                         )
                     except RpcError:
-                        if addr in readers:
-                            readers.remove(addr)
+                        if pick.address in readers:
+                            readers.remove(pick.address)
+                    finally:
+                        self.policy.finished(pick)
+                elif pick is not None:
+                    self.policy.started(pick)
+                    try:
+                        return await self.call(p, method, params)
+                    finally:
+                        self.policy.finished(pick)
         return await self.call(p, method, params)
+
+    def _choose(
+        self, p: int, owner: str, readers: list[str], method: str, bucket: str, tenant: str
+    ) -> Candidate | None:
+        """The policy's pick among the owner and the replicas of ``p`` (None: no
+        candidate, e.g. a strict rule nobody matches; the owner then answers)."""
+        cands: list[Candidate] = []
+        for addr in [owner, *readers]:
+            c = self.candidates.get(addr) or Candidate(address=addr)
+            cands.append(replace(c, owner=addr == owner))
+        try:
+            return self.policy.choose(
+                Request(partition=p, bucket=bucket, tenant=tenant, method=method), cands
+            )
+        except NoCandidate:
+            return None
 
     def _count_read(self, p: int) -> None:
         now = time.monotonic()

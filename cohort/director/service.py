@@ -16,6 +16,7 @@ from aiohttp import web
 from cohort.admin.web import AdminApp
 from cohort.coord import connect
 from cohort.coord.base import Coordinator
+from cohort.director.policy import Chooser, from_config
 from cohort.director.router import Router
 from cohort.director.s3app import S3App
 from cohort.logs import setup_logging
@@ -54,7 +55,7 @@ async def _membership(coord: Coordinator, member_id: str, address: str) -> None:
 
 async def serve(args: argparse.Namespace) -> None:
     coord = connect(args.coordinator)
-    router = Router(coord, hot_reads=args.hot_reads)
+    router = Router(coord, hot_reads=args.hot_reads, policy=args.balance)
     await router.start()
     keys = load_keys(args.credentials)
     store = LocalStore(args.storage)
@@ -98,6 +99,14 @@ async def serve(args: argparse.Namespace) -> None:
     await router.close()
 
 
+def _policy(text: str) -> Chooser:
+    """``--balance``: a policy name, or a JSON object for ``policy.from_config``."""
+    try:
+        return from_config(json.loads(text) if text.lstrip().startswith("{") else text)
+    except (ValueError, TypeError) as e:
+        raise argparse.ArgumentTypeError(f"bad balancing policy {text!r}: {e}") from None
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="cohort-director")
     ap.add_argument("--id", default="director-1")
@@ -120,6 +129,14 @@ def main(argv: list[str] | None = None) -> None:
         type=float,
         default=float(os.environ.get("COHORT_HOT_READS", "200")),
         help="reads/s of one partition that start read replicas on other servers (0: never)",
+    )
+    ap.add_argument(
+        "--balance",
+        type=_policy,
+        default="round-robin",
+        metavar="POLICY",
+        help="who serves a read of a partition with read replicas: round-robin, weighted "
+        "(by server capacity), least-outstanding, or a JSON rules object (docs/operations.md)",
     )
     ap.add_argument("--log-file", default=None)
     args = ap.parse_args(argv)

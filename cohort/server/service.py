@@ -148,8 +148,11 @@ class Server:
         capacity: float = 1.0,
         standby: bool = False,
         advertise: str | None = None,
+        tags: list[str] | None = None,
     ) -> None:
         self.id = member_id
+        # labels directors' balancing rules can select (``[director] balance``)
+        self.tags = sorted(set(tags or []))
         # the address peers and directors are told to dial (default: where we listen);
         # a fault proxy in front of this server advertises its own
         self.advertise = advertise
@@ -247,7 +250,7 @@ class Server:
                         "capacity": self.capacity,
                         "standby": self.standby,
                         "pid": os.getpid(),
-                        "meta": {"metrics": self.metrics_address},
+                        "meta": {"metrics": self.metrics_address, "tags": self.tags},
                     }
                 )
                 break
@@ -1184,6 +1187,7 @@ async def serve(args: argparse.Namespace) -> None:
         capacity=args.capacity,
         standby=args.standby,
         advertise=args.advertise,
+        tags=args.tag,
     )
     server.upload_expiry = args.upload_expiry_seconds
     server.orphan_age = args.orphan_age_seconds
@@ -1211,6 +1215,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--port", type=int, default=0)
     ap.add_argument("--capacity", type=float, default=1.0)
     ap.add_argument("--standby", action="store_true")
+    ap.add_argument(
+        "--tag",
+        action="append",
+        default=[],
+        help="a label for directors' balancing rules (e.g. batch, eu); repeatable",
+    )
     ap.add_argument(
         "--advertise",
         metavar="HOST:PORT",

@@ -69,6 +69,25 @@ def test_config_errors_say_what_to_fix(change: tuple[str, str], message: str) ->
         parse_config(EXAMPLE.replace(*change))
 
 
+def test_tags_and_balancing_policy() -> None:
+    cfg = parse_config(EXAMPLE)
+    assert cfg.tags == [] and cfg.balance == "round-robin"
+    cfg = parse_config(
+        EXAMPLE.replace("port = 7001", 'port = 7001\ntags = ["eu", "batch"]')
+        + '[director]\nbalance = { policy = "rules", then = "weighted", '
+        'rules = [{ hours = "08-18", tag = "eu" }] }\n'
+    )
+    assert cfg.tags == ["eu", "batch"]
+    assert json.loads(cfg.balance) == {
+        "policy": "rules", "then": "weighted", "rules": [{"hours": "08-18", "tag": "eu"}],
+    }  # fmt: skip
+    with pytest.raises(ConfigError, match="unknown policy 'fastest'"):
+        parse_config(EXAMPLE + '[director]\nbalance = "fastest"\n')
+    with pytest.raises(ConfigError, match="hours must be HH-HH"):
+        parse_config(EXAMPLE + '[director]\nbalance = { policy = "rules", rules = '
+                     '[{ hours = "9am", tag = "eu" }] }\n')  # fmt: skip
+
+
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read"):
         load_config(tmp_path / "nope.toml")

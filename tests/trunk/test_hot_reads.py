@@ -103,3 +103,74 @@ def test_readers_multiply_and_never_serve_stale_data_after_a_write(
     assert errors == []
     # the replicas were told and let go (they may come back later, sharing again)
     assert all(b in (b"v1", b"v2") for _, _, b in reads)
+
+
+def test_balancing_rules_send_replica_reads_to_tagged_servers(tmp_path: Path) -> None:
+    """``--balance`` with a rule: reads of a hot partition go to the candidate tagged
+    ``batch`` (server-3, ``--tag batch``), never to the untagged replica.  (With
+    ``round-robin`` the untagged replica serves its share: this test then fails.)"""
+    import json
+
+    from cohort.partitioning import partition_of
+
+    rules = {"policy": "rules", "rules": [{"tag": "batch"}]}
+    cluster = start_cluster(
+        tmp_path / "c",
+        servers=2,
+        partitions=16,
+        extra_env={"COHORT_HOT_READS": "5"},
+        director_args=["--balance", json.dumps(rules)],
+    )
+    try:
+        cluster.add_server("server-3", tags=["batch"])
+        s3 = s3_client(cluster)
+        s3.create_bucket(Bucket="hot")
+        wait_for(
+            lambda: {p[0] for p in cluster.view()["partitions"]} >= {"server-3"},
+            timeout=30,
+            what="server-3 owns partitions",
+        )
+        view = cluster.view()
+        tags = next(m for m in view["members"] if m["id"] == "server-3")["meta"]["tags"]
+        assert tags == ["batch"]
+        bid = next(b["id"] for b in view["buckets"] if b["name"] == "hot")
+        # a key whose partition server-3 does not own: it can only be a replica of it
+        key = next(
+            k
+            for k in (f"k{i}" for i in range(1000))
+            if view["partitions"][partition_of(bid, k, 16)][0] != "server-3"
+        )
+        s3.put_object(Bucket="hot", Key=key, Body=b"v")
+        stop = threading.Event()
+
+        def reader() -> None:
+            c = s3_client(cluster, max_attempts=1)
+            while not stop.is_set():
+                c.get_object(Bucket="hot", Key=key)["Body"].read()
+
+        threads = [threading.Thread(target=reader, daemon=True) for _ in range(3)]
+        for t in threads:
+            t.start()
+
+        def replica_reads() -> dict[str, int]:
+            return {s: sum(st["read_replicas"].values()) for s, st in dlm_views(cluster).items()}
+
+        try:
+            wait_for(
+                lambda: len(replica_servers(cluster)) >= 2, timeout=30, what="two read replicas"
+            )
+            before = replica_reads()
+            wait_for(
+                lambda: replica_reads().get("server-3", 0) - before.get("server-3", 0) > 20,
+                timeout=30,
+                what="the tagged replica serves reads",
+            )
+            after = replica_reads()
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(30)
+        untagged = {s: after[s] - before.get(s, 0) for s in after if s != "server-3"}
+        assert all(n == 0 for n in untagged.values()), (before, after)
+    finally:
+        cluster.stop()
