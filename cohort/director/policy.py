@@ -15,8 +15,9 @@ to choose.  This module is the choice, as a pure, synchronous, I/O-free policy o
   "tenant ``analytics`` to servers tagged ``batch``", or "between 08-18 prefer ``eu``"
   (follow-the-sun).  A rule whose tag no candidate carries falls through to the next.
 
-Build one from configuration with :func:`from_config`.  Not wired in yet: the router picks
-round robin inline (see docs/architecture.md, "Balancing policies").
+Build one from configuration with :func:`from_config`; the director's ``--balance`` option
+does, and :meth:`cohort.director.router.Router.read` asks it (see docs/architecture.md,
+"Balancing policies").
 """
 
 from __future__ import annotations
