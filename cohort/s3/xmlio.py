@@ -298,7 +298,7 @@ def render_list_buckets(
     return w.done()
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: a frozen __init__ is 4x slower, run 1000x a page
 class ObjectInfo:
     key: str
     last_modified: datetime | float  # a float is seconds since the epoch (cheapest)
