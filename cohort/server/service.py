@@ -273,7 +273,7 @@ class Server:
             self.agent.close()  # every lock of the old incarnation is lost (and told so)
         self.dlm_locks.clear()
         self.dlm_transport = TcpTransport(self.rpc)
-        self.agent = LockAgent(self.dlm_node, self.dlm_transport)
+        self.agent = LockAgent(self.dlm_node, self.dlm_transport, lease_valid=self.lease_valid)
         # programs that are not Cohort servers take cluster locks through any server
         # (cohort.dlm.client.DlmClient); the sessions belong to this incarnation
         self.dlm_clients = ClientService(self.agent, self.rpc)

@@ -310,3 +310,28 @@ async def test_cancelled_after_grant_gives_the_lock_back() -> None:
         await waiter
     again = await aio.wait_for(a.lock("r", Mode.EX), 2)  # would hang if b leaked it
     await again.release()
+
+
+async def test_no_grant_once_the_membership_lease_may_have_expired() -> None:
+    """Regression (30-minute chaos run): a master paused past its lease granted a lock
+    the moment it woke, before its lease keeper ran, while a new master had granted the
+    same lock meanwhile.  With ``lease_valid`` the agent checks before every grant and
+    fences itself instead."""
+    valid = [True]
+    net = MemoryNetwork()
+    a = LockAgent("a", net.transport("a"), lease_valid=lambda: valid[0])
+    b = LockAgent("b", net.transport("b"))
+    members = {"a": "", "b": ""}
+    for ag in (a, b):
+        ag.set_membership(1, members)
+    await settle(net)
+    h = await a.lock("r", EX)  # a masters r
+    waiter = asyncio.create_task(a.lock("r", EX))
+    await asyncio.sleep(0)
+    valid[0] = False  # the lease runs out (a SIGSTOP, say) while a holds r and one waits
+    await h.release()  # the release would grant r to the waiter: it must not
+    with pytest.raises(LockLost):
+        await asyncio.wait_for(waiter, 5)
+    assert a.fenced
+    with pytest.raises(LockLost):
+        await a.lock("other", EX)
