@@ -109,15 +109,20 @@ class LockWorkload:
         lost_at: list[float] = []
         watcher = asyncio.get_running_loop().create_task(h.lost.wait())
         watcher.add_done_callback(lambda _t: lost_at.append(time.monotonic()))
+
+        def gone() -> bool:  # lost, or the agent's lease may have run out unconfirmed
+            return h.lost.is_set() or time.monotonic() >= h.valid_until
+
         try:
-            if kv is not None and not h.lost.is_set():
-                await self._fenced_write(kv, holder, int(h.token), h.lost.is_set)
-            if not h.lost.is_set():
+            if kv is not None and not gone():
+                await self._fenced_write(kv, holder, int(h.token), gone)
+            if not gone():
                 await asyncio.sleep(self.rng.uniform(*self.hold))
         finally:
             end = time.monotonic()  # release starts: from here on we no longer act as owner
-            if lost_at or h.lost.is_set():
+            if lost_at or gone():
                 end = min(end, lost_at[0]) if lost_at else end
+                end = min(end, h.valid_until)
                 self.lost += 1
             watcher.cancel()
             self._intervals.append(

@@ -62,10 +62,19 @@ class ClientService:
     """Serves lock requests of remote clients through ``agent``."""
 
     def __init__(
-        self, agent: LockAgent, server: RpcServer, *, session_timeout: float = 5.0
+        self,
+        agent: LockAgent,
+        server: RpcServer,
+        *,
+        session_timeout: float = 5.0,
+        lease_remaining: Callable[[], float] | None = None,
     ) -> None:
         self.agent = agent
         self.session_timeout = session_timeout
+        # Seconds the host's membership lease still runs (None: no leases).  Every
+        # answer carries it, so a client knows how long its locks are good for without
+        # hearing from us again (see DlmClient.valid_until).
+        self.lease_remaining = lease_remaining
         self.sessions: dict[int, _Session] = {}
         self._sids = itertools.count(1)
         self._reaper: asyncio.Task[None] | None = None
@@ -110,7 +119,18 @@ class ClientService:
             raise RpcError("LockLost", "session expired")
         s.handles[h.lid] = h
         asyncio.get_running_loop().create_task(self._watch_lost(s, h))
-        return [h.lid, int(h.mode or 0), h.token, h.value, h.value_valid, h.previous_holder_died]
+        return [
+            h.lid,
+            int(h.mode or 0),
+            h.token,
+            h.value,
+            h.value_valid,
+            h.previous_holder_died,
+            self._lease(),
+        ]
+
+    def _lease(self) -> float | None:
+        return None if self.lease_remaining is None else max(0.0, self.lease_remaining())
 
     async def _watch_lost(self, s: _Session, h: Handle) -> None:
         await h.lost.wait()
@@ -140,7 +160,7 @@ class ClientService:
             raise RpcError(type(e).__name__, str(e)) from None
         return [int(h.mode or 0), h.token, h.value, h.value_valid, h.previous_holder_died]
 
-    async def _c_poll(self, params: Any) -> list[list[Any]]:
+    async def _c_poll(self, params: Any) -> dict[str, Any]:
         sid, wait = params
         s = self._session(sid)
         if not s.events:
@@ -149,7 +169,7 @@ class ClientService:
                 await asyncio.wait_for(s.wake.wait(), min(float(wait), self.session_timeout / 2))
         s.seen = time.monotonic()
         ev, s.events = s.events, []
-        return ev
+        return {"events": ev, "lease": self._lease()}
 
     async def _c_close(self, params: Any) -> None:
         s = self.sessions.pop(params, None)
@@ -183,7 +203,7 @@ class RemoteHandle:
         self._update(r)
 
     def _update(self, r: list[Any]) -> None:
-        mode, self.token, value, self.value_valid, self.previous_holder_died = r
+        mode, self.token, value, self.value_valid, self.previous_holder_died = r[:5]
         self.mode = Mode(mode)
         self.value: bytes = value or b""
 
@@ -191,6 +211,13 @@ class RemoteHandle:
         if len(value) > 64:
             raise ValueError("lock value block is at most 64 bytes")
         self._write = bytes(value)
+
+    @property
+    def valid_until(self) -> float:
+        """``time.monotonic()`` past which this lock may already be granted to someone
+        else (the agent's lease, as last confirmed; ``inf`` without leases).  Act on the
+        lock only before it; :attr:`lost` is set when it passes unconfirmed."""
+        return self.client.valid_until
 
     async def release(self) -> None:
         if self.lid in self.client._handles:
@@ -227,6 +254,10 @@ class DlmClient:
         self._callbacks: dict[int, Callable[[Mode], Any]] = {}
         self._poller: asyncio.Task[None] | None = None
         self._open_lock = asyncio.Lock()
+        # Until when (our clock) the agent's lease was last confirmed to run: a lease
+        # remaining L in an answer to a request sent at t is good until t + L at least.
+        self.valid_until = float("inf")
+        self._bg: set[asyncio.Task[Any]] = set()
 
     async def _call(self, method: str, params: Any, timeout: float | None = None) -> Any:
         try:
@@ -262,31 +293,63 @@ class DlmClient:
     ) -> RemoteHandle:
         if not self.sid:
             await self.connect()
+        sent = time.monotonic()
         r = await self._call(
             "dlm.c.lock", [self.sid, *args], timeout=None if args[2] is None else args[2] + 30
         )
         lid = r[0]
+        self._confirmed(sent, r[6] if len(r) > 6 else None)
         h = RemoteHandle(self, args[0], lid, r[1:])
         self._handles[lid] = h
         if on_blocking is not None:
             self._callbacks[lid] = on_blocking
         return h
 
+    def _confirmed(self, sent: float, lease: float | None) -> None:
+        if lease is None:
+            self.valid_until = float("inf")
+        elif self.valid_until == float("inf") or sent + lease > self.valid_until:
+            self.valid_until = sent + lease
+
+    def _lose_all(self) -> None:
+        """Every lock is lost: tell the holders, and give the locks back in case the
+        agent still holds them for us (a transient failure; otherwise a no-op)."""
+        for lid, h in list(self._handles.items()):
+            h.lost.set()
+            t = asyncio.get_running_loop().create_task(self._release_quietly(lid))
+            self._bg.add(t)
+            t.add_done_callback(self._bg.discard)
+        self._handles.clear()
+
+    async def _release_quietly(self, lid: int) -> None:
+        with contextlib.suppress(Exception):
+            await self.rpc.call("dlm.c.release", [self.sid, lid, None], timeout=5)
+
     async def _poll(self) -> None:
         while True:
+            sent = time.monotonic()
+            # give up waiting when the lease runs out: from then on the locks may be
+            # granted elsewhere, whatever the agent would still answer
+            budget = min(self.poll_interval + 10, max(0.0, self.valid_until - sent))
             try:
-                events = await self.rpc.call(
-                    "dlm.c.poll", [self.sid, self.poll_interval], timeout=self.poll_interval + 10
+                if self._handles and budget <= 0:
+                    raise TimeoutError("agent lease not confirmed in time")
+                # the agent answers within ``wait``: often enough to renew before the end
+                wait = min(self.poll_interval, max(0.05, budget / 3))
+                r = await asyncio.wait_for(
+                    self.rpc.call("dlm.c.poll", [self.sid, wait], timeout=wait + 10),
+                    budget if self._handles else self.poll_interval + 10,
                 )
             except asyncio.CancelledError:
                 raise
             except Exception:
-                # the agent is gone or our session expired: every lock is lost
-                for h in list(self._handles.values()):
-                    h.lost.set()
-                self._handles.clear()
+                # the agent is gone, our session expired, or its lease may have: every
+                # lock is lost
+                self._lose_all()
                 await asyncio.sleep(self.poll_interval)
                 continue
+            events = r["events"] if isinstance(r, dict) else r
+            self._confirmed(sent, r.get("lease") if isinstance(r, dict) else None)
             for kind, lid, mode in events:
                 rh = self._handles.get(lid)
                 if rh is None:

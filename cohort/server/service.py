@@ -276,7 +276,9 @@ class Server:
         self.agent = LockAgent(self.dlm_node, self.dlm_transport, lease_valid=self.lease_valid)
         # programs that are not Cohort servers take cluster locks through any server
         # (cohort.dlm.client.DlmClient); the sessions belong to this incarnation
-        self.dlm_clients = ClientService(self.agent, self.rpc)
+        self.dlm_clients = ClientService(
+            self.agent, self.rpc, lease_remaining=lambda: self.lease_deadline - time.monotonic()
+        )
         self._dlm_epoch = -1
         early, self._early_dlm = self._early_dlm, []
         for frame in early:

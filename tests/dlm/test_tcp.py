@@ -261,3 +261,36 @@ async def test_connection_resets_lose_no_message() -> None:
             await p.close()
         for s in servers:
             await s.close()
+
+
+async def test_client_locks_end_with_the_agents_lease() -> None:
+    """Every answer tells a DlmClient how long the agent's membership lease still runs;
+    a lock is good until then (``valid_until``), renewed by each poll.  When renewals
+    stop, the client marks its locks lost by the deadline and gives them back, instead
+    of holding on while another master may grant them (found by the 30-minute chaos
+    run: clients of a paused server learned of the loss only 10 s later)."""
+    from cohort.dlm.client import ClientService
+    from cohort.dlm.transport import MemoryNetwork
+
+    server = RpcServer()
+    agent = LockAgent("solo", MemoryNetwork().transport("solo"))
+    deadline = [time.monotonic() + 1.0]
+    ClientService(agent, server, lease_remaining=lambda: deadline[0] - time.monotonic())
+    port = await server.start("127.0.0.1", 0)
+    c = DlmClient(f"127.0.0.1:{port}", poll_interval=0.2)
+    try:
+        h = await c.lock("x", EX, timeout=5)
+        first = h.valid_until
+        assert first <= deadline[0] + 0.01
+        deadline[0] = time.monotonic() + 1.5  # renewed by the host
+        await asyncio.sleep(0.6)
+        assert h.valid_until > first and not h.lost.is_set()
+        end = deadline[0]  # no more renewals from here on
+        await asyncio.wait_for(h.lost.wait(), 5)
+        assert time.monotonic() >= end - 0.3  # not long before the deadline...
+        assert time.monotonic() <= end + 0.5  # ...and not long after it either
+        h2 = await asyncio.wait_for(agent.lock("x", EX), 5)  # given back to the agent
+        await h2.release()
+    finally:
+        await c.close()
+        await server.close()
