@@ -838,6 +838,11 @@ class LockAgent:
     def _on_message(self, src: str, msg: list[Any]) -> None:
         if self.fenced:
             return
+        if self.lease_valid is not None and not self.lease_valid():
+            # nothing a node whose lease may have expired hears can be acted on safely
+            # (a GRANT it accepted would overlap one the new master gives)
+            self._fence("membership lease expired")
+            return
         op = msg[0]
         if op in _EPOCH_OPS and msg[1] > self.epoch:
             # sent by a node that already knows a newer membership: hold until we do
