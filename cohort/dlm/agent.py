@@ -507,7 +507,7 @@ class LockAgent:
         """Start a lock request without waiting (the sans-I/O entry point used by the
         async API and by the simulation tests).  Returns the handle: granted at once,
         pending, or done with ``error`` set."""
-        if self.fenced:
+        if not self._may_act():
             raise LockLost(
                 f"lock agent {self.node_id} is fenced (lease lost); cannot lock {name!r}"
             )
@@ -772,11 +772,7 @@ class LockAgent:
 
     def _dispatch(self, events: list[Event]) -> None:
         """Deliver the core's events: to local handles directly, else by message."""
-        if events and self.lease_valid is not None and not self.lease_valid():
-            # e.g. the first thing a process does after a long SIGSTOP, before its lease
-            # keeper has run: found by the 30-minute chaos run, where a paused master
-            # granted a lock 6 ms after waking that a new master had granted meanwhile
-            self._fence("membership lease expired")
+        if events and not self._may_act():
             return
         me = self.node_id
         for ev in events:
@@ -808,6 +804,22 @@ class LockAgent:
                 else:
                     self.transport.send(node, [BAST, lid, ev.mode])
 
+    def _may_act(self) -> bool:
+        """False once fenced; fences first if the host's lease may have expired.
+
+        Checked before every grant (the zero-message fast path included) and every
+        message acted on.  A process resumed after a long SIGSTOP runs whatever is ready
+        before its lease keeper: found by the 30-minute chaos run, where a paused master
+        granted a lock within 7 ms of waking, overlapping the grant of the master that
+        had replaced it; and a GRANT accepted then would overlap the new master's too.
+        """
+        if self.fenced:
+            return False
+        if self.lease_valid is not None and not self.lease_valid():
+            self._fence("membership lease expired")
+            return False
+        return True
+
     def _fence(self, why: str) -> None:
         if self.fenced:
             return
@@ -836,12 +848,7 @@ class LockAgent:
 
     # ================================================================ messages
     def _on_message(self, src: str, msg: list[Any]) -> None:
-        if self.fenced:
-            return
-        if self.lease_valid is not None and not self.lease_valid():
-            # nothing a node whose lease may have expired hears can be acted on safely
-            # (a GRANT it accepted would overlap one the new master gives)
-            self._fence("membership lease expired")
+        if not self._may_act():
             return
         op = msg[0]
         if op in _EPOCH_OPS and msg[1] > self.epoch:

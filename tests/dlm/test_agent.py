@@ -335,3 +335,19 @@ async def test_no_grant_once_the_membership_lease_may_have_expired() -> None:
     assert a.fenced
     with pytest.raises(LockLost):
         await a.lock("other", EX)
+
+
+async def test_no_fast_path_grant_once_the_lease_may_have_expired() -> None:
+    """The zero-message fast path (an idle resource this agent masters) checks the lease
+    too: the 10-minute chaos run after the first fix still saw a paused master grant
+    within 7 ms of waking, through this path."""
+    valid = [True]
+    net = MemoryNetwork()
+    a = LockAgent("a", net.transport("a"), lease_valid=lambda: valid[0])
+    a.set_membership(1, {"a": ""})
+    h = await a.lock("r", EX)
+    await h.release()  # r is idle, mastered here: the next lock is granted locally
+    valid[0] = False
+    with pytest.raises(LockLost):
+        await a.lock("r", EX)
+    assert a.fenced
