@@ -213,6 +213,30 @@ class Boto3KV:
         except Exception as e:
             raise classify(e, True) from e
 
+    def get_versioned(self, key: str) -> tuple[Value, str | None]:
+        """The value and its ETag (None, None if the key does not exist)."""
+        from botocore.exceptions import ClientError
+
+        try:
+            r = self.s3.get_object(Bucket=self.bucket, Key=key)
+            body: bytes = r["Body"].read()
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                return None, None
+            raise classify(e, False) from e
+        except Exception as e:
+            raise classify(e, False) from e
+        return body.decode(errors="replace"), str(r["ETag"])
+
+    def put_if(self, key: str, value: str, etag: str | None) -> None:
+        """A conditional PUT: only over the version ``etag`` (or only if the key does not
+        exist, for None).  A 412 comes back as a certain failure."""
+        cond = {"IfMatch": etag} if etag is not None else {"IfNoneMatch": "*"}
+        try:
+            self.s3.put_object(Bucket=self.bucket, Key=key, Body=value.encode(), **cond)
+        except Exception as e:
+            raise classify(e, True) from e
+
 
 def _do(rec: Recorder, client: KVClient, process: int, kind: OpKind, key: str, v: str) -> Op:
     h = rec.invoke(process, kind, key, v if kind == "put" else None)

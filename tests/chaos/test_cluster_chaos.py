@@ -79,6 +79,30 @@ async def test_short_chaos_run(cluster: Any, tmp_path: Path) -> None:
     assert st["single-owner"] == st["lock-safety"] == st["fenced-writes"] == "pass"
 
 
+async def test_fenced_writes_refuse_a_deposed_holder(cluster: Any) -> None:
+    """The lock workload's protected writes are fenced by the object itself: a holder
+    whose token is lower than the one already written is refused, and so is a write
+    over a version that changed since it was read (a conditional PUT, If-Match)."""
+    from cohort.chaos.lock_workload import LockWorkload
+    from cohort.chaos.runner import Boto3KV, OpOutcome
+
+    info = ClusterInfo.load(cluster.data_dir)
+    kv = Boto3KV(info, RunConfig(duration=1))
+    await asyncio.to_thread(kv.create_bucket)
+    lw = LockWorkload(lambda: [], fence_key="chaos/fence-test")
+    await lw._fenced_write(kv, "new", 10, lambda: False)
+    await lw._fenced_write(kv, "deposed", 7, lambda: False)  # 10 is there: refused
+    assert [(w.holder, w.token) for w in lw.writes] == [("new", 10)] and lw.refused == 1
+    cur, etag = await asyncio.to_thread(kv.get_versioned, "chaos/fence-test")
+    assert cur == "10" and etag
+    await asyncio.to_thread(kv.put_if, "chaos/fence-test", "12", etag)
+    with pytest.raises(OpOutcome) as e:  # a write over the version read before: refused
+        await asyncio.to_thread(kv.put_if, "chaos/fence-test", "11", etag)
+    assert e.value.result == "fail"
+    assert (await asyncio.to_thread(kv.get_versioned, "chaos/fence-test"))[0] == "12"
+    assert lw.fence_violations() == []
+
+
 @pytest.mark.slow
 async def test_chaos_with_network_faults(cluster: Any, tmp_path: Path) -> None:
     """Client-to-director link through a FaultProxy (drop / delay / black hole), plus
