@@ -335,7 +335,10 @@ class DlmClient:
                 if self._handles and budget <= 0:
                     raise TimeoutError("agent lease not confirmed in time")
                 # the agent answers within ``wait``: often enough to renew before the end
-                wait = min(self.poll_interval, max(0.05, budget / 3))
+                # (with no lock held there is nothing to renew: the plain interval)
+                wait = self.poll_interval
+                if self._handles:
+                    wait = min(wait, max(0.05, budget / 3))
                 r = await asyncio.wait_for(
                     self.rpc.call("dlm.c.poll", [self.sid, wait], timeout=wait + 10),
                     budget if self._handles else self.poll_interval + 10,
