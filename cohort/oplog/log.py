@@ -88,12 +88,14 @@ class PartitionLog:
         ckpts = sorted(await self._list_seqs("ckpt"), reverse=True)
         ckpt_state: Any | None = None
         ckpt_seq = 0
+        ckpt_epoch = -1
         corrupt: list[str] = []
         for c in ckpts:
             try:
-                _hdr, body = segment.decode(await self.store.get(self._ckpt_key(c)))
+                hdr, body = segment.decode(await self.store.get(self._ckpt_key(c)))
                 ckpt_state = body[0] if body else None
                 ckpt_seq = c
+                ckpt_epoch = int(hdr.get("epoch", -1))
                 break
             except segment.CorruptSegment as e:
                 corrupt.append(f"checkpoint {c}: {e}")
@@ -130,6 +132,7 @@ class PartitionLog:
             epochs.append(int(hdr.get("epoch", -1)))
             records.extend(recs)
             replayed += 1
+        self._check_not_superseded([ckpt_epoch, *epochs], epoch)
         # Fence: claim the next sequence number for our epoch.
         fence_seq = max_seen + 1
         while True:
@@ -146,6 +149,8 @@ class PartitionLog:
                 try:
                     h2, recs = segment.decode(data)
                     epochs.append(int(h2.get("epoch", -1)))
+                    # ...unless it is a newer owner's fence: then we were superseded
+                    self._check_not_superseded(epochs, epoch)
                     records.extend(recs)
                     replayed += 1
                 except segment.CorruptSegment as e:
@@ -157,6 +162,20 @@ class PartitionLog:
         self.last_checkpoint_seq = ckpt_seq
         self.segments_since_checkpoint = replayed + 1
         return Recovery(ckpt_state, ckpt_seq, records, replayed, fence_seq, epochs, corrupt)
+
+    def _check_not_superseded(self, epochs: list[int], epoch: int) -> None:
+        """A segment of a newer epoch means a newer owner has claimed the log: an older
+        owner (a slow recovery, a zombie) must not fence after it and serve.  Found by a
+        30-minute chaos run: a recovery at epoch 19, slower than the epoch-20 owner's,
+        took the latter's fence for "the previous owner appended once more" and fenced
+        after it, so two servers served the partition until one append failed."""
+        newer = max(epochs, default=-1)
+        if newer > epoch:
+            self.next_seq = -1
+            raise Fenced(
+                f"partition {self.partition}: the log was claimed by epoch {newer}, "
+                f"newer than ours ({epoch})"
+            )
 
     async def load_readonly(self) -> Recovery:
         """Checkpoint + records after it, *without* fencing or repairing anything.
