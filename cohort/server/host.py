@@ -41,8 +41,13 @@ class PartitionHost:
         owner: str,
         epoch: int,
         on_freed: Callable[[list[str]], None],
+        lease_valid: Callable[[], bool] | None = None,
     ) -> None:
         self.store = store
+        # The server's membership lease.  Checked around every log append: a process
+        # resumed after a long pause can flush a queued batch before its lease keeper
+        # runs, and a new owner may already have fenced (and checkpointed) the log.
+        self.lease_valid = lease_valid
         self.partition = partition
         self.epoch = epoch
         self.log = PartitionLog(store, partition, owner)
@@ -152,8 +157,15 @@ class PartitionHost:
         while self._pending and self.status == "serving":
             batch, self._pending = self._pending, []
             self._inflight = batch
+            if self.lease_valid is not None and not self.lease_valid():
+                self._fail(batch, NotServing("lease expired"), "fenced")
+                return
             try:
                 await self.log.append([r for r, _ in batch])
+                if self.lease_valid is not None and not self.lease_valid():
+                    # durable, but a new owner may have recovered without it: not ours to
+                    # acknowledge (the outcome is unknown to the client; the log decides)
+                    raise Fenced(f"partition {self.partition}: lease expired during append")
             except Fenced as e:
                 self._fail(batch, NotServing(str(e)), "fenced")
                 return

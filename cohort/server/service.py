@@ -727,7 +727,9 @@ class Server:
                     if e.code in ("NotOwner", "UnknownMember"):
                         return
                     await asyncio.sleep(0.05 if e.code == "Busy" else 0.2)
-            host = PartitionHost(self.store, p, self.id, token, self._queue_freed)
+            host = PartitionHost(
+                self.store, p, self.id, token, self._queue_freed, lease_valid=self.lease_valid
+            )
             host.make_exclusive = lambda p=p, host=host: self._make_exclusive(p, host)
             self.hosts[p] = host
             if dlm is not None:

@@ -45,3 +45,23 @@ async def test_an_older_epoch_cannot_fence_after_a_newer_one(tmp_path: Path) -> 
     # the same or a newer epoch still recovers
     rec = await PartitionLog(store, 8, "server-1").recover(21)
     assert rec.checkpoint == {"state": 1}
+
+
+async def test_an_owner_whose_lease_ran_out_appends_nothing(tmp_path: Path) -> None:
+    """A server resumed after a long pause may flush a queued batch before its lease
+    keeper runs: the partition host checks the lease around every append, so nothing
+    reaches the log (or is acknowledged) once the lease may have expired."""
+    from cohort.oplog.log import segment_epochs
+    from cohort.server.host import NotServing, PartitionHost
+
+    store = LocalStore(str(tmp_path))
+    valid = [True]
+    h = PartitionHost(store, 3, "server-1", 5, lambda _freed: None, lease_valid=lambda: valid[0])
+    await h.recover()
+    await h.commit({"op": "put", "b": "b", "k": "k1", "m": [1, "e", 0.0, None], "rid": "r1"})
+    before = await segment_epochs(store, 3)
+    valid[0] = False
+    with pytest.raises(NotServing):
+        await h.commit({"op": "put", "b": "b", "k": "k2", "m": [1, "e", 0.0, None], "rid": "r2"})
+    assert await segment_epochs(store, 3) == before  # nothing appended
+    assert h.state.get("b", "k2") is None and not h.serving
