@@ -350,9 +350,16 @@ class Server:
                 await self._join()
                 return
             log.warning("heartbeat failed: %s", e)
-        if not self.lease_valid():
+        # The lock agent fences itself if it ever sees the lease lapse, even briefly
+        # (a renewal that arrives late extends the lease again); a fenced agent never
+        # locks again, so that is a lease loss too: found by a 20-minute chaos run,
+        # where a server kept serving nothing behind its fenced agent.
+        agent_fenced = self.agent is not None and self.agent.fenced
+        if not self.lease_valid() or agent_fenced:
             log.error(
-                "lease lost (no renewal in time): self-fencing %d partitions", len(self.hosts)
+                "lease lost (%s): self-fencing %d partitions",
+                "the lock agent fenced itself" if agent_fenced else "no renewal in time",
+                len(self.hosts),
             )
             self.metrics.lease_lost.inc()
             await self._drop_all("lease lost")
