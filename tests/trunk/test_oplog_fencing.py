@@ -65,3 +65,34 @@ async def test_an_owner_whose_lease_ran_out_appends_nothing(tmp_path: Path) -> N
         await h.commit({"op": "put", "b": "b", "k": "k2", "m": [1, "e", 0.0, None], "rid": "r2"})
     assert await segment_epochs(store, 3) == before  # nothing appended
     assert h.state.get("b", "k2") is None and not h.serving
+
+
+async def test_a_server_whose_lock_agent_fenced_itself_rejoins(tmp_path: Path) -> None:
+    """Regression (20-minute chaos run): a late lease renewal can extend a lease the
+    lock agent already saw lapse; the agent had fenced itself for good, the server
+    kept its lease and never locked a partition again.  A fenced agent now counts as
+    a lost lease: the server re-joins as a new incarnation with a fresh agent."""
+    import asyncio
+
+    from cohort.coord import connect
+    from cohort.coord.embedded import EmbeddedCoordinator
+    from cohort.server.service import Server
+
+    coord = EmbeddedCoordinator(tmp_path / "coord", partitions=4, lease_ttl=2.0)
+    port = await coord.start("127.0.0.1", 0)
+    server = Server("s1", LocalStore(str(tmp_path / "storage")), connect(f"127.0.0.1:{port}"))
+    await server.start()
+    try:
+        first = server.incarnation
+        assert server.agent is not None
+        server.agent.lease_lost()  # what _may_act does when it sees the lease lapse
+        deadline = asyncio.get_running_loop().time() + 10
+        while server.incarnation == first or server.agent.fenced:
+            assert asyncio.get_running_loop().time() < deadline, "never re-joined"
+            await asyncio.sleep(0.05)
+        while len([h for h in server.hosts.values() if h.serving]) < 4:
+            assert asyncio.get_running_loop().time() < deadline, "partitions not served"
+            await asyncio.sleep(0.05)
+    finally:
+        await server.stop()
+        await coord.close()
