@@ -314,7 +314,9 @@ async def test_watch_delivery_and_reconnect(backend: Backend) -> None:
     took = time.monotonic() - t1
     assert [x["name"] for x in v1["buckets"]] == ["watched"]
     assert v1["version"] > v["version"]
-    assert took < 0.5, f"watch delivered after {took:.3f}s"
+    # well before the watch's own 5 s timeout; the bound covers create_bucket's fsync'd
+    # commit on a loaded disk (0.84 s in one clean-clone CI run)
+    assert took < 2.5, f"watch delivered after {took:.3f}s"
     # the watcher goes away; a change happens; a new client watching from the old
     # version sees it at once
     await a.close()
