@@ -144,21 +144,19 @@ class Router:
             owner = self.owner_address(p)
             if readers and owner is not None:
                 pick = self._choose(p, owner, readers, method, bucket, tenant)
-                if pick is not None and not pick.owner:
+                if pick is not None:
                     self.policy.started(pick)
                     try:
+                        if pick.owner:
+                            return await self.call(p, method, params)
                         return await self.pool.get(pick.address).call(
                             method, {**params, "replica": True}, timeout=self.rpc_timeout
                         )
                     except RpcError:
+                        if pick.owner:
+                            raise
                         if pick.address in readers:
                             readers.remove(pick.address)
-                    finally:
-                        self.policy.finished(pick)
-                elif pick is not None:
-                    self.policy.started(pick)
-                    try:
-                        return await self.call(p, method, params)
                     finally:
                         self.policy.finished(pick)
         return await self.call(p, method, params)

@@ -726,7 +726,13 @@ class S3App:
     ) -> tuple[str, int, ObjectMeta]:
         bid = await self.bucket_id(bucket, request)
         p = self.partition(bid, key)
-        r = await self.router.read(p, "obj.get", {"b": bid, "k": key})
+        r = await self.router.read(
+            p,
+            "obj.get",
+            {"b": bid, "k": key},
+            bucket=bucket,
+            tenant=request.get("tenant") or "anonymous",
+        )
         if r is None:
             raise S3Error("NoSuchKey", resource=f"/{bucket}/{key}", extra={"Key": key})
         return bid, p, meta_from_wire(r["m"])
