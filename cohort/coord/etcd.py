@@ -45,7 +45,22 @@ Semantics, as in :mod:`cohort.coord.state`:
   lost its quorum is moved to another endpoint.
 
 Every etcd or network failure is raised as :class:`~cohort.rpc.RpcError` (``Timeout`` /
-``ConnectionError`` / ``EtcdError``), like the embedded backend's RPC client.
+``ConnectionError`` / ``EtcdError`` / ``EtcdAuthFailed``), like the embedded backend's RPC
+client.
+
+**Authentication** (see :class:`EtcdCredentials`), named in the address's query::
+
+    etcd://h1:2379,h2:2379/prod?ca=/etc/cohort/etcd/ca.crt&cert=/etc/cohort/etcd/client.crt&key=/etc/cohort/etcd/client.key
+    etcd://h1:2379/prod?ca=/etc/ssl/etcd-ca.pem&user=cohort&password_file=/etc/cohort/etcd.password
+    etcds://h1:2379/prod?user=cohort&password_file=...     (TLS, server checked against the system CAs)
+
+``ca``/``cert``/``key`` (or ``tls=1``, or the ``etcds`` scheme) switch to HTTPS: the
+server is verified against ``ca`` (else the system trust store) and ``cert``/``key`` is
+the client certificate.  ``user`` + ``password_file`` turn on etcd's user/password auth:
+the client gets a token from ``/v3/auth/authenticate`` and sends it in the
+``Authorization`` header, and authenticates again when etcd calls the token invalid
+(expired, or the member restarted).  The password is read from the file, never from the
+address, which ends up on command lines and in logs.
 """
 
 from __future__ import annotations
@@ -58,6 +73,8 @@ import logging
 import math
 import os
 import random
+import ssl
+import stat
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -126,18 +143,137 @@ class EtcdError(RpcError):
     def __init__(self, grpc_code: int, message: str) -> None:
         super().__init__("EtcdError", f"etcd error {grpc_code}: {message}")
         self.grpc_code = grpc_code
+        self.etcd_message = message
+
+
+class EtcdAuthError(EtcdError):
+    """etcd refused our credentials: a wrong user or password, no credentials where etcd
+    requires them, or a user without permission (code ``EtcdAuthFailed``).
+    ``token_expired``: only the token was refused (the client authenticates again)."""
+
+    def __init__(self, grpc_code: int, message: str, *, token_expired: bool = False) -> None:
+        super().__init__(grpc_code, message)
+        self.code = "EtcdAuthFailed"
+        self.token_expired = token_expired
+
+
+def _auth_error(grpc_code: int, msg: str, creds: EtcdCredentials, path: str) -> EtcdError:
+    """The error for an etcd error answer, with what to do about it when it is auth."""
+    m = msg.lower()
+    user = creds.user
+    if "invalid auth token" in m:
+        return EtcdAuthError(grpc_code, msg, token_expired=True)
+    if "authentication failed" in m or "invalid user id or password" in m:
+        return EtcdAuthError(
+            grpc_code,
+            f"etcd refused user {user!r}: wrong user name or password "
+            f"(the password is read from {creds.password_file}) [etcd: {msg}]",
+        )
+    if "user name is empty" in m or "user name not found" in m:
+        return EtcdAuthError(
+            grpc_code,
+            "etcd requires user authentication"
+            + (f" and knows no user {user!r}" if user else " and this client has no user")
+            + f": give user=NAME&password_file=FILE in the etcd address [etcd: {msg}]",
+        )
+    if "permission denied" in m:
+        return EtcdAuthError(
+            grpc_code,
+            f"etcd denied {path} to user {user!r}: grant it a role with readwrite on the "
+            f"/cohort/ prefix (or the root role) [etcd: {msg}]",
+        )
+    return EtcdError(grpc_code, msg)
+
+
+_FALSE = ("", "0", "false", "no", "off")
+
+
+@dataclass(frozen=True)
+class EtcdCredentials:
+    """How to authenticate to etcd, from an address's query options.
+
+    * ``ca``: the CA file the etcd server certificates are checked against (default: the
+      system's trust store);
+    * ``cert``, ``key``: the client certificate and its key (for ``--client-cert-auth``);
+    * ``tls=1`` (implied by any of the above, and by the ``etcds://`` scheme): use HTTPS;
+    * ``user``, ``password_file``: etcd user/password auth; the file holds the password
+      (one line; a trailing newline is ignored) and should be mode 0600.
+    """
+
+    ca: str | None = None
+    cert: str | None = None
+    key: str | None = None
+    tls: bool = False
+    user: str | None = None
+    password_file: str | None = None
+
+    @classmethod
+    def from_options(cls, opts: dict[str, str]) -> EtcdCredentials:
+        if "password" in opts:
+            raise ValueError(
+                "etcd address: the password never goes in the address (it ends up on command "
+                "lines and in logs); write it to a file and name the file with password_file="
+            )
+        ca, cert, key = opts.get("ca") or None, opts.get("cert") or None, opts.get("key") or None
+        user, pwf = opts.get("user") or None, opts.get("password_file") or None
+        if key and not cert:
+            raise ValueError("etcd address: key= without cert=")
+        if bool(user) != bool(pwf):
+            raise ValueError("etcd address: user= and password_file= go together")
+        tls = bool(ca or cert) or opts.get("tls", "0").lower() not in _FALSE
+        return cls(ca=ca, cert=cert, key=key, tls=tls, user=user, password_file=pwf)
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """The TLS client context (CA, client certificate), or None for plain HTTP."""
+        if not self.tls:
+            return None
+        try:
+            ctx = ssl.create_default_context(cafile=self.ca)
+            ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+            if self.cert:
+                ctx.load_cert_chain(self.cert, self.key)
+        except (OSError, ssl.SSLError) as e:
+            raise ValueError(
+                f"etcd TLS files (ca={self.ca}, cert={self.cert}, key={self.key}): {e}"
+            ) from e
+        return ctx
+
+    def read_password(self) -> str:
+        assert self.password_file is not None
+        try:
+            st = os.stat(self.password_file)
+            with open(self.password_file, encoding="utf-8") as f:
+                pw = f.read()
+        except OSError as e:
+            raise EtcdAuthError(0, f"cannot read the etcd password file: {e}") from e
+        if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+            log.warning(
+                "etcd password file %s is readable by others (mode %o); chmod 600 it",
+                self.password_file,
+                stat.S_IMODE(st.st_mode),
+            )
+        pw = pw.removesuffix("\n").removesuffix("\r")
+        if not pw:
+            raise EtcdAuthError(0, f"the etcd password file {self.password_file} is empty")
+        return pw
 
 
 def parse_address(address: str) -> tuple[list[str], str, dict[str, str]]:
-    """``etcd://h1:p1,h2:p2/ns?lease_ttl=2&partitions=256&campaign=1`` → endpoints, ns, options."""
+    """``etcd://h1:p1,h2:p2/ns?lease_ttl=2&partitions=256&campaign=1`` → endpoints, ns, options.
+
+    ``etcds://`` is the same with ``tls=1``; the credential options are in
+    :class:`EtcdCredentials`.
+    """
     u = urlsplit(address)
-    if u.scheme != "etcd":
+    if u.scheme not in ("etcd", "etcds"):
         raise ValueError(f"not an etcd address: {address!r} (expected etcd://host:port,...)")
     endpoints = [e.strip() for e in u.netloc.split(",") if e.strip()]
     if not endpoints:
         raise ValueError(f"no etcd endpoints in {address!r}")
     ns = u.path.strip("/") or "default"
     opts = {k: v[-1] for k, v in parse_qs(u.query).items()}
+    if u.scheme == "etcds":
+        opts.setdefault("tls", "1")
     return endpoints, ns, opts
 
 
@@ -147,21 +283,43 @@ class EtcdClient:
 
     Requests go to the endpoint that last worked; on a connection error, a timeout or an
     ``Unavailable`` answer the next endpoint is tried, until ``timeout`` has passed.
+    With ``credentials`` it speaks TLS (CA, client certificate) and/or sends an etcd auth
+    token, authenticating again whenever etcd calls the token invalid.
     """
 
     RETRY_CODES = {4, 14}  # DEADLINE_EXCEEDED, UNAVAILABLE (no leader, request timed out)
 
-    def __init__(self, endpoints: list[str], *, attempt_timeout: float = 0.5) -> None:
-        self.endpoints = [e if "://" in e else f"http://{e}" for e in endpoints]
+    def __init__(
+        self,
+        endpoints: list[str],
+        *,
+        attempt_timeout: float = 0.5,
+        credentials: EtcdCredentials | None = None,
+    ) -> None:
+        self.credentials = credentials or EtcdCredentials()
+        self.ssl_context = self.credentials.ssl_context()
+        scheme = "https" if self.credentials.tls else "http"
+        self.endpoints = [e if "://" in e else f"{scheme}://{e}" for e in endpoints]
         self.current = 0
         self.attempt_timeout = attempt_timeout
         self._session: aiohttp.ClientSession | None = None
+        self._token: str | None = None  # None: not authenticated yet; "": auth is off
+        self._token_lock: asyncio.Lock | None = None
+        self.authentications = 0  # how many tokens this client obtained
+
+    @classmethod
+    def from_options(cls, endpoints: list[str], opts: dict[str, str]) -> EtcdClient:
+        return cls(endpoints, credentials=EtcdCredentials.from_options(opts))
 
     @property
     def session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=64, force_close=False),
+                connector=aiohttp.TCPConnector(
+                    limit=64,
+                    force_close=False,
+                    ssl=self.ssl_context if self.ssl_context is not None else True,
+                ),
                 json_serialize=json.dumps,
             )
         return self._session
@@ -170,8 +328,87 @@ class EtcdClient:
         if self.current == idx:
             self.current = (idx + 1) % len(self.endpoints)
 
+    # -- user/password auth -----------------------------------------------------------------
+    async def auth_headers(self, timeout: float = 3.0) -> dict[str, str]:
+        """The ``Authorization`` header (authenticating first if needed), or none."""
+        if self.credentials.user is None:
+            return {}
+        if self._token is None:
+            if self._token_lock is None:
+                self._token_lock = asyncio.Lock()
+            async with self._token_lock:
+                if self._token is None:
+                    self._token = await self._authenticate(timeout)
+        return {"Authorization": self._token} if self._token else {}
+
+    async def _authenticate(self, timeout: float) -> str:
+        c = self.credentials
+        body = {"name": c.user, "password": c.read_password()}
+        try:
+            doc = await self._call("/auth/authenticate", body, timeout, {})
+        except EtcdError as e:
+            if "authentication is not enabled" in e.etcd_message:
+                log.warning("etcd user %s configured but etcd has auth disabled", c.user)
+                return ""
+            raise
+        token = doc.get("token")
+        if not isinstance(token, str) or not token:
+            raise EtcdAuthError(0, f"etcd /auth/authenticate gave no token: {doc}")
+        self.authentications += 1
+        return token
+
+    def _token_refused(self, headers: dict[str, str]) -> None:
+        """The token sent in ``headers`` was refused: the next request authenticates again."""
+        if headers.get("Authorization") == self._token:
+            self._token = None
+
+    # -- requests --------------------------------------------------------------------------
+    async def _post(
+        self, idx: int, path: str, body: dict[str, Any], timeout: float, headers: dict[str, str]
+    ) -> dict[str, Any]:
+        """One request to endpoint ``idx``; an error answer is raised as EtcdError."""
+        url = self.endpoints[idx] + GATEWAY + path
+        async with self.session.post(
+            url, json=body, headers=headers, timeout=aiohttp.ClientTimeout(total=timeout)
+        ) as r:
+            text = await r.text()
+        doc: dict[str, Any] = json.loads(text.split("\n", 1)[0]) if text else {}
+        if "result" in doc and isinstance(doc["result"], dict):
+            doc = doc["result"]
+        if "error" in doc or r.status >= 400:
+            code = int(doc.get("code", 14 if r.status >= 500 else 2))
+            msg = str(doc.get("message") or doc.get("error") or text[:200])
+            raise _auth_error(code, msg, self.credentials, path)
+        return doc
+
     async def call(
         self, path: str, body: dict[str, Any], *, timeout: float = 3.0
+    ) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        for attempt in range(3):
+            headers = await self.auth_headers(max(0.1, deadline - time.monotonic()))
+            try:
+                return await self._call(path, body, deadline - time.monotonic(), headers)
+            except EtcdAuthError as e:
+                if not (e.token_expired and self.credentials.user and attempt < 2):
+                    raise
+                self._token_refused(headers)
+        raise AssertionError("unreachable")
+
+    async def call_one(
+        self, idx: int, path: str, body: dict[str, Any], *, timeout: float = 1.0
+    ) -> dict[str, Any]:
+        """One request to endpoint ``idx`` only (no fail-over), authenticated."""
+        headers = await self.auth_headers(timeout)
+        try:
+            return await self._post(idx, path, body, timeout, headers)
+        except EtcdAuthError as e:
+            if e.token_expired:
+                self._token_refused(headers)
+            raise
+
+    async def _call(
+        self, path: str, body: dict[str, Any], timeout: float, headers: dict[str, str]
     ) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
         last: Exception | None = None
@@ -181,26 +418,16 @@ class EtcdClient:
             if remaining <= 0 or (tried >= 2 * len(self.endpoints) and last is not None):
                 break
             idx = self.current
-            url = self.endpoints[idx] + GATEWAY + path
             per = min(remaining, max(self.attempt_timeout, remaining / len(self.endpoints)))
             tried += 1
             try:
-                async with self.session.post(
-                    url, json=body, timeout=aiohttp.ClientTimeout(total=per)
-                ) as r:
-                    text = await r.text()
-                doc: dict[str, Any] = json.loads(text.split("\n", 1)[0]) if text else {}
-                if "result" in doc and isinstance(doc["result"], dict):
-                    doc = doc["result"]
-                if "error" in doc or r.status >= 400:
-                    code = int(doc.get("code", 14 if r.status >= 500 else 2))
-                    msg = str(doc.get("message") or doc.get("error") or text[:200])
-                    if code in self.RETRY_CODES:
-                        last = EtcdError(code, msg)
-                        self.rotate(idx)
-                        continue
-                    raise EtcdError(code, msg)
-                return doc
+                return await self._post(idx, path, body, per, headers)
+            except EtcdError as e:
+                if e.grpc_code in self.RETRY_CODES and not isinstance(e, EtcdAuthError):
+                    last = e
+                    self.rotate(idx)
+                    continue
+                raise
             except TimeoutError as e:
                 last = e
                 self.rotate(idx)
@@ -270,13 +497,18 @@ class EtcdClient:
             }
         }
         url = self.endpoints[idx] + GATEWAY + "/watch"
+        headers = await self.auth_headers()
         async with self.session.post(
             url,
             json=body,
+            headers=headers,
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.attempt_timeout),
         ) as r:
             if r.status >= 400:
-                raise RpcConnectionError(f"etcd watch: HTTP {r.status}")
+                text = (await r.text())[:300]
+                if "invalid auth token" in text:
+                    self._token_refused(headers)
+                raise RpcConnectionError(f"etcd watch: HTTP {r.status} {text}")
             buf = b""
             async for chunk in r.content.iter_any():
                 buf += chunk
@@ -288,6 +520,7 @@ class EtcdClient:
                     line, buf = buf[:nl], buf[nl + 1 :]
                     if line.strip():
                         doc = json.loads(line)
+                        self._watch_error(doc, headers)
                         yield doc.get("result", doc)
                 if buf.strip():
                     try:
@@ -295,7 +528,21 @@ class EtcdClient:
                     except ValueError:
                         continue
                     buf = b""
+                    self._watch_error(doc, headers)
                     yield doc.get("result", doc)
+
+    def _watch_error(self, doc: dict[str, Any], headers: dict[str, str]) -> None:
+        err = doc.get("error")
+        if not err:
+            return
+        msg, code = str(err), 2
+        if isinstance(err, dict):
+            msg = str(err.get("message", err))
+            code = int(err.get("grpc_code") or err.get("code") or 2)
+        e = _auth_error(code, msg, self.credentials, "/watch")
+        if isinstance(e, EtcdAuthError) and e.token_expired:
+            self._token_refused(headers)
+        raise e
 
     async def close(self) -> None:
         if self._session is not None:
@@ -351,15 +598,12 @@ class Informer:
         while True:
             await asyncio.sleep(0.5)
             t = time.monotonic()
-            url = self.client.endpoints[idx] + GATEWAY + "/kv/range"
-            async with self.client.session.post(
-                url,
-                json={"key": b64(self.prefix + "config"), "count_only": True},
-                timeout=aiohttp.ClientTimeout(total=1.0),
-            ) as r:
-                doc = await r.json(content_type=None)
-                if r.status >= 400 or "header" not in doc:
-                    raise RpcConnectionError(f"etcd endpoint unhealthy: {doc}")
+            doc = await self.client.call_one(
+                idx, "/kv/range", {"key": b64(self.prefix + "config"), "count_only": True},
+                timeout=1.0,
+            )  # fmt: skip
+            if "header" not in doc:
+                raise RpcConnectionError(f"etcd endpoint unhealthy: {doc}")
             self.healthy_at = t
 
     async def _stream(self) -> None:
@@ -498,7 +742,7 @@ class EtcdCoordinator:
         endpoints, ns, opts = parse_address(address)
         self.address = address
         self.namespace = ns
-        self.client = EtcdClient(endpoints)
+        self.client = EtcdClient(endpoints, credentials=EtcdCredentials.from_options(opts))
         self.prefix = f"/cohort/{ns}/v/"
         self.events_prefix = f"/cohort/{ns}/e/"
         self.partitions = int(partitions or opts.get("partitions") or DEFAULT_PARTITIONS)
