@@ -191,14 +191,17 @@ class EtcdCluster:
                 d, f"{m.name}-peer", f"{m.name}.peer.etcd.cohort", hosts=hosts,
                 server=True, client=True,
             )  # fmt: skip
-        self.client_cert = ca.issue(d, "client", "cohort", client=True)
+        # no CN: etcd 3.4's gateway refuses a client certificate with a CN once user auth
+        # is on (it would not be used as the user, and etcd says so rather than ignore it)
+        self.client_cert = ca.issue(d, "client", None, unit="cohort", client=True)
 
-    def issue_client(self, name: str, common_name: str | None = None) -> Issued:
-        """Another client certificate (``<pki>/<name>.crt``/``.key``), e.g. one per machine."""
+    def issue_client(self, name: str, directory: str | os.PathLike[str] | None = None) -> Issued:
+        """Another client certificate (``<directory>/<name>.crt``/``.key``, by default in
+        the PKI directory), e.g. one per machine; ``OU=name`` and no CN, like Cohort's own."""
         if not self.tls:
             raise RuntimeError("this etcd runs without TLS")
         ca = CertificateAuthority(self.pki_dir, "ca", "Cohort etcd CA")
-        return ca.issue(self.pki_dir, name, common_name or name, client=True)
+        return ca.issue(directory or self.pki_dir, name, None, unit=name, client=True)
 
     def tls_options(self) -> dict[str, str]:
         """``{"ca", "cert", "key"}`` file paths for an address (empty without TLS)."""

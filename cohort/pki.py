@@ -152,8 +152,9 @@ class CertificateAuthority:
         self,
         directory: str | os.PathLike[str],
         name: str,
-        common_name: str,
+        common_name: str | None,
         *,
+        unit: str | None = None,
         hosts: list[str] | None = None,
         server: bool = False,
         client: bool = False,
@@ -161,14 +162,27 @@ class CertificateAuthority:
     ) -> Issued:
         """``<directory>/<name>.crt`` + ``.key`` signed by this CA.
 
-        ``hosts`` become the subject alternative names (IP addresses or DNS names);
+        The subject is ``O=Cohort``, ``OU=unit`` (when given) and ``CN=common_name`` (when
+        not None: etcd with user auth on refuses gateway clients whose certificate has a
+        CN).  ``hosts`` become the subject alternative names (IP addresses or DNS names);
         ``server`` / ``client`` set the extended key usages.  With ``reuse`` an existing
         pair signed by this CA that names every host is kept.
         """
         d = private_dir(directory)
         out = Issued(d / f"{name}.crt", d / f"{name}.key")
         hosts = list(hosts or [])
-        if reuse and out.cert.exists() and out.key.exists() and self._covers(out.cert, hosts):
+        attrs = [x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Cohort")]
+        if unit:
+            attrs.append(x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, unit))
+        if common_name is not None:
+            attrs.append(x509.NameAttribute(NameOID.COMMON_NAME, common_name))
+        subject = x509.Name(attrs)
+        if (
+            reuse
+            and out.cert.exists()
+            and out.key.exists()
+            and self._covers(out.cert, subject, hosts)
+        ):
             return out
         key = _new_key()
         now = datetime.datetime.now(datetime.UTC)
@@ -177,7 +191,7 @@ class CertificateAuthority:
             usages.append(ExtendedKeyUsageOID.CLIENT_AUTH)
         b = (
             x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
+            .subject_name(subject)
             .issuer_name(self.cert.subject)
             .public_key(key.public_key())
             .serial_number(x509.random_serial_number())
@@ -212,12 +226,14 @@ class CertificateAuthority:
         write_private(out.cert, cert.public_bytes(serialization.Encoding.PEM))
         return out
 
-    def _covers(self, cert_path: Path, hosts: list[str]) -> bool:
+    def _covers(self, cert_path: Path, subject: x509.Name, hosts: list[str]) -> bool:
+        """The certificate there is ours, for ``subject``, names every host, and has a
+        month or more to live."""
         try:
             cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
         except ValueError:
             return False
-        if cert.issuer != self.cert.subject:
+        if cert.issuer != self.cert.subject or cert.subject != subject:
             return False
         try:
             cert.verify_directly_issued_by(self.cert)

@@ -140,8 +140,8 @@ class KV:
 class EtcdError(RpcError):
     """etcd answered with an error (``grpc_code`` is the gRPC status code)."""
 
-    def __init__(self, grpc_code: int, message: str) -> None:
-        super().__init__("EtcdError", f"etcd error {grpc_code}: {message}")
+    def __init__(self, grpc_code: int, message: str, code: str = "EtcdError") -> None:
+        super().__init__(code, f"etcd error {grpc_code}: {message}")
         self.grpc_code = grpc_code
         self.etcd_message = message
 
@@ -152,8 +152,7 @@ class EtcdAuthError(EtcdError):
     ``token_expired``: only the token was refused (the client authenticates again)."""
 
     def __init__(self, grpc_code: int, message: str, *, token_expired: bool = False) -> None:
-        super().__init__(grpc_code, message)
-        self.code = "EtcdAuthFailed"
+        super().__init__(grpc_code, message, "EtcdAuthFailed")
         self.token_expired = token_expired
 
 
@@ -175,6 +174,13 @@ def _auth_error(grpc_code: int, msg: str, creds: EtcdCredentials, path: str) -> 
             "etcd requires user authentication"
             + (f" and knows no user {user!r}" if user else " and this client has no user")
             + f": give user=NAME&password_file=FILE in the etcd address [etcd: {msg}]",
+        )
+    if "commonname of client" in m:
+        return EtcdAuthError(
+            grpc_code,
+            "etcd has user auth on and refuses a client certificate with a CommonName on its "
+            "JSON gateway: use a client certificate without CN (EtcdCluster.issue_client "
+            f"makes one) [etcd: {msg}]",
         )
     if "permission denied" in m:
         return EtcdAuthError(
@@ -372,7 +378,14 @@ class EtcdClient:
             url, json=body, headers=headers, timeout=aiohttp.ClientTimeout(total=timeout)
         ) as r:
             text = await r.text()
-        doc: dict[str, Any] = json.loads(text.split("\n", 1)[0]) if text else {}
+        try:
+            doc: dict[str, Any] = json.loads(text.split("\n", 1)[0]) if text else {}
+        except ValueError:
+            if r.status < 400:
+                raise
+            # a plain-text refusal, e.g. etcd's gateway about a client certificate's CN
+            msg = f"HTTP {r.status}: {text[:300].strip()}"
+            raise _auth_error(14 if r.status >= 500 else 2, msg, self.credentials, path) from None
         if "result" in doc and isinstance(doc["result"], dict):
             doc = doc["result"]
         if "error" in doc or r.status >= 400:

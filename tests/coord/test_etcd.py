@@ -35,6 +35,8 @@ def test_parse_address() -> None:
     eps, ns, opts = parse_address("etcd://a:1,b:2/prod?lease_ttl=3")
     assert eps == ["a:1", "b:2"] and ns == "prod" and opts == {"lease_ttl": "3"}
     assert parse_address("etcd://a:1")[1] == "default"
+    _, _, opts = parse_address("etcd://a:1/p?lease_ttl=2&ca=/x/ca.crt&cert=/x/c.crt&key=/x/c.key")
+    assert opts == {"lease_ttl": "2", "ca": "/x/ca.crt", "cert": "/x/c.crt", "key": "/x/c.key"}
     with pytest.raises(ValueError):
         parse_address("a:1")
     assert isinstance(connect("etcd://127.0.0.1:1"), EtcdCoordinator)
@@ -113,6 +115,11 @@ async def test_client_survives_a_dead_etcd_member(etcd3: EtcdCluster) -> None:
 
 def test_local_cluster_on_etcd_fails_over(tmp_path: Path) -> None:
     with LocalCluster(tmp_path, port=0, coordinator="etcd", lease_ttl=2) as cluster:
+        # the launcher's etcd speaks TLS with client certificates, and the address every
+        # member gets (unchanged cluster.py) carries the CA, the certificate and its key
+        opts = parse_address(cluster.coordinator_address)[2]
+        assert {"ca", "cert", "key", "partitions", "lease_ttl"} <= set(opts)
+        assert cluster.etcd.members[0].client_url.startswith("https://")
 
         def ready() -> bool:
             async def check() -> bool:
