@@ -161,6 +161,14 @@ class EtcdCluster:
         self.client_cert: Issued | None = None
         self.ca_file: Path | None = None
         self.peer_ca_file: Path | None = None
+        used = [m.name for m in self.members if (m.data_dir / "member").exists()]
+        if tls and used and not self.pki_dir.exists() and len(self.members) > 1:
+            # etcd keeps its members' peer URLs in its data: members made with http://
+            # peer URLs keep dialling each other in plain HTTP, which TLS peers refuse
+            raise RuntimeError(
+                f"{self.base_dir}: etcd members {used} were created without TLS; run them with "
+                "EtcdCluster(..., tls=False), or start over with an empty data directory"
+            )
         if tls:
             self._make_pki()
         if not self._own_dir:

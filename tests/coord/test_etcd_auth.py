@@ -341,3 +341,35 @@ async def test_password_auth_over_plain_http(tmp_path: Path) -> None:
                 await c.view()
         finally:
             await c.close()
+
+
+def test_a_plain_data_directory_moves_to_tls(tmp_path: Path) -> None:
+    """A one-member etcd made before TLS (cohort up's) restarts with TLS and keeps its
+    data; several members made without TLS are refused with what to do (their stored
+    peer URLs are http://)."""
+    e = EtcdCluster(1, base_dir=tmp_path / "one", tls=False).start()
+    try:
+        assert e.probe(0, "/kv/put", {"key": b64("kept"), "value": b64("v")}) is not None
+    finally:
+        e.stop()
+    e = EtcdCluster(1, base_dir=tmp_path / "one").start()
+    try:
+        assert e.members[0].client_url.startswith("https://")
+        assert revision_and_value(e, "kept")[1] is not None
+    finally:
+        e.stop()
+    for i in (1, 2, 3):
+        (tmp_path / "three" / f"etcd-{i}" / "member").mkdir(parents=True)
+    with pytest.raises(RuntimeError, match="created without TLS"):
+        EtcdCluster(3, base_dir=tmp_path / "three")
+
+
+def test_readiness_through_a_command_prefix() -> None:
+    """Members run under a prefix (``ip netns exec ...`` in the netns tests) are probed by a
+    child process that gets the request, TLS file names and token on stdin; ``env`` stands
+    in for the namespace here."""
+    with EtcdCluster(1, prefixes=[["env"]]) as e:
+        assert e.member_healthy(0)
+        e.enable_auth("root", PASSWORD)
+        assert e.member_healthy(0)  # authenticated through the child too
+        assert e.leader_index() == 0
