@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import base64
 import contextlib
 import json
@@ -33,11 +34,20 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from cohort.auth import ClusterKey, Verifier  # noqa: E402
 from cohort.dlm.agent import LockAgent  # noqa: E402
 from cohort.dlm.client import DlmClient  # noqa: E402
 from cohort.dlm.modes import Mode  # noqa: E402
 from cohort.dlm.transport import MemoryNetwork, TcpTransport  # noqa: E402
 from cohort.rpc import ClientPool, RpcClient, RpcServer  # noqa: E402
+
+# the lock agents this benchmark starts prove membership with a throwaway cluster key
+_KEY_DIR = tempfile.mkdtemp(prefix="cohort-bench-key-")
+atexit.register(shutil.rmtree, _KEY_DIR, True)
+KEY_FILE = os.path.join(_KEY_DIR, "cluster.key")
+ClusterKey.create_file(KEY_FILE)
+KEY = ClusterKey.load(KEY_FILE)
+MEMBER = KEY.member("bench")
 
 EX = Mode.EX
 
@@ -126,7 +136,16 @@ class AgentProc:
     def __init__(self, node_id: str) -> None:
         self.id = node_id
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "cohort.dlm.node", "--id", node_id, "--uvloop"],
+            [
+                sys.executable,
+                "-m",
+                "cohort.dlm.node",
+                "--id",
+                node_id,
+                "--uvloop",
+                "--cluster-key",
+                KEY_FILE,
+            ],
             stdout=subprocess.PIPE,
             text=True,
             cwd=ROOT,
@@ -151,7 +170,7 @@ class AgentProc:
 
 async def admin(address: str, method: str, params: Any) -> Any:
     host, _, port = address.rpartition(":")
-    c = RpcClient(host, int(port))
+    c = RpcClient(host, int(port), MEMBER)
     try:
         return await c.call(method, params, timeout=5)
     finally:
@@ -176,14 +195,14 @@ async def bench_cohort_local(seconds: float, tasks: int) -> float:
 
 async def bench_cohort_remote(seconds: float, tasks_list: list[int]) -> dict[int, float]:
     peer = AgentProc("peer")
-    server = RpcServer()
-    pool = ClientPool()
+    server = RpcServer(Verifier(KEY))
+    pool = ClientPool(MEMBER)
     transport = TcpTransport(server, pool)
     agent = LockAgent("bench", transport, deadlock_wait=None)
     port = await server.start("127.0.0.1", 0)
     members = {"bench": f"127.0.0.1:{port}", "peer": peer.address}
     out: dict[int, float] = {}
-    client = DlmClient(peer.address)
+    client = DlmClient(peer.address, MEMBER)
     try:
         await admin(peer.address, "dlm.admin.membership", [1, members])
         agent.set_membership(1, members)
@@ -522,14 +541,14 @@ async def bench_failover(lease_ttl: float, ping: float) -> float:
     try:
         for p in procs:
             await admin(p.address, "dlm.admin.membership", [epoch, members])
-        c0, c1 = DlmClient(procs[0].address), DlmClient(procs[1].address)
+        c0, c1 = DlmClient(procs[0].address, MEMBER), DlmClient(procs[1].address, MEMBER)
         clients += [c0, c1]
         await c0.lock("partition/0", EX, timeout=5)
         waiter = asyncio.create_task(c1.lock("partition/0", EX, timeout=60))
         await asyncio.sleep(0.2)
         assert not waiter.done()
         last_ok = {p.id: time.monotonic() for p in procs}
-        pools = {p.id: RpcClient("127.0.0.1", p.port) for p in procs}
+        pools = {p.id: RpcClient("127.0.0.1", p.port, MEMBER) for p in procs}
 
         async def coordinator() -> None:
             nonlocal epoch, members

@@ -76,7 +76,7 @@ def view(cluster: LocalCluster) -> dict[str, Any]:
 
 def server_rpc(cluster: LocalCluster, method: str) -> dict[str, dict[str, Any]]:
     async def get() -> dict[str, dict[str, Any]]:
-        pool = ClientPool()
+        pool = ClientPool(cluster.credential())
         out: dict[str, dict[str, Any]] = {}
         try:
             for sid, p in cluster.procs.items():
@@ -378,7 +378,7 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
 
         def set_state(sid: str, state: str) -> None:
             async def go() -> None:
-                c = connect(cluster.coordinator_address)
+                c = connect(cluster.coordinator_address, cluster.credential())
                 try:
                     await c.set_state(sid, state)
                 finally:

@@ -117,7 +117,7 @@ async def large_objects(t: Target, count: int) -> float:
 
 
 async def load_keys(cluster: LocalCluster, bucket: str, n: int) -> float:
-    coord = connect(cluster.coordinator_address)
+    coord = connect(cluster.coordinator_address, cluster.credential())
     view = await coord.view()
     await coord.close()
     bid = next(b["id"] for b in view["buckets"] if b["name"] == bucket)
@@ -126,7 +126,7 @@ async def load_keys(cluster: LocalCluster, bucket: str, n: int) -> float:
     meta = meta_to_wire(
         ObjectMeta(size=0, etag=hashlib.md5(b"").hexdigest(), mtime=time.time(), blob=None)
     )
-    pool = ClientPool()
+    pool = ClientPool(cluster.credential())
     t0 = time.perf_counter()
     batch: dict[str, list[Any]] = {}
 

@@ -11,7 +11,10 @@ directory, and writes ``<data-dir>/cluster.json``::
 
 Each child prints ``READY host:port`` once it listens; the launcher waits for that line.
 Logs go to ``<data-dir>/logs/<id>.log`` as JSON lines.  Credentials are created on first
-start in ``<data-dir>/credentials.json`` (mode 0600) and reused afterwards.
+start in ``<data-dir>/credentials.json`` (mode 0600) and reused afterwards, and so is the
+cluster key every member proves itself with (``<data-dir>/cluster.key``, named in
+cluster.json as ``cluster_key``).  Everything under the data directory is private to its
+owner: directories 0700, files 0600 (the launcher and its children run with umask 077).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from cohort.auth import ClusterKey, Credential
 from cohort.chaos.proxy_thread import ProxyLoop, ThreadedFaultProxy
 from cohort.tenants import load_or_create_master_key
 
@@ -70,6 +74,18 @@ def _read_ready(p: subprocess.Popen[bytes], what: str, timeout: float) -> str:
         if p.poll() is not None:
             break
     raise RuntimeError(f"{what} did not start (exit code {p.poll()}); output: {buf[-2000:]!r}")
+
+
+def _private_dir(path: Path) -> None:
+    """Make ``path`` (and missing parents) a directory only its owner can enter."""
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path.chmod(0o700)
+
+
+def _private_append(path: Path) -> IO[bytes]:
+    """``path`` opened for appending, created 0600."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    return os.fdopen(fd, "ab")
 
 
 def load_credentials(data_dir: Path) -> dict[str, str]:
@@ -149,6 +165,14 @@ class LocalCluster:
         return self.data_dir / "master.key"
 
     @property
+    def cluster_key_path(self) -> Path:
+        return self.data_dir / "cluster.key"
+
+    def credential(self, name: str = "launcher") -> Credential:
+        """A member credential (for tests, benches and tools driving this cluster)."""
+        return ClusterKey.load(self.cluster_key_path).member(name)
+
+    @property
     def cluster_json(self) -> Path:
         return self.data_dir / "cluster.json"
 
@@ -193,23 +217,27 @@ class LocalCluster:
     # -- start/stop -----------------------------------------------------------------------
     def _spawn(self, proc: Proc, timeout: float = 30.0) -> None:
         logs = self.data_dir / "logs"
-        logs.mkdir(parents=True, exist_ok=True)
+        _private_dir(logs)
         proc.log = str(logs / f"{proc.id}.log")
         proc.popen = subprocess.Popen(
             [self.python, "-m", *proc.args, "--log-file", proc.log],
             stdout=subprocess.PIPE,
-            stderr=open(logs / f"{proc.id}.stderr", "ab"),  # noqa: SIM115 - owned by the child
+            stderr=_private_append(logs / f"{proc.id}.stderr"),
             stdin=subprocess.DEVNULL,
             env=self.env,
             start_new_session=True,  # Ctrl-C in a terminal reaches the launcher only
+            umask=0o077,
         )
         proc.address = _read_ready(proc.popen, proc.id, timeout)
 
     def start(self) -> LocalCluster:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.storage.mkdir(exist_ok=True)
+        # data, logs, SQLite and secrets are the cluster's alone: the directories are
+        # 0700 here and every child runs with umask 077
+        _private_dir(self.data_dir)
+        _private_dir(self.storage)
         self.creds = load_credentials(self.data_dir)
         load_or_create_master_key(self.master_key_path)
+        ClusterKey.create_file(self.cluster_key_path)
         if self.coordinator == "etcd":
             from cohort.etcd_server import EtcdCluster
 
@@ -232,6 +260,8 @@ class LocalCluster:
                 str(self.lease_ttl),
                 "--failback",
                 self.failback,
+                "--cluster-key",
+                str(self.cluster_key_path),
                 *self.coordinator_args,
             ],
         )
@@ -280,6 +310,12 @@ class LocalCluster:
                 self.host,
                 "--capacity",
                 str(capacity),
+                "--cluster-key",
+                str(self.cluster_key_path),
+                "--master-key",
+                str(self.master_key_path),
+                "--credentials",
+                str(self.data_dir / "credentials.json"),
                 *(["--standby"] if standby else []),
                 *(a for t in tags or [] for a in ("--tag", t)),
                 *advertise,
@@ -309,6 +345,8 @@ class LocalCluster:
                 str(self.data_dir / "credentials.json"),
                 "--master-key",
                 str(self.master_key_path),
+                "--cluster-key",
+                str(self.cluster_key_path),
                 "--host",
                 self.host,
                 "--port",
@@ -337,7 +375,7 @@ class LocalCluster:
         from cohort.coord import connect
 
         async def get_view() -> dict[str, Any]:
-            c = connect(self.coordinator_direct)
+            c = connect(self.coordinator_direct, self.credential())
             try:
                 return await c.view()
             finally:
@@ -383,6 +421,7 @@ class LocalCluster:
             "data_dir": str(self.data_dir),
             "storage": str(self.storage),
             "coordinator": self.coordinator_address,
+            "cluster_key": str(self.cluster_key_path),
             "partitions": self.partitions,
             "members": [
                 {

@@ -7,6 +7,8 @@ Example (``/etc/cohort/cohort.toml``)::
     partitions = 256          # fixed when the cluster is created
     lease_ttl = 2             # seconds; whole seconds with etcd (>= 2)
     credentials = "/etc/cohort/credentials.json"   # {"access_key": ..., "secret_key": ...}
+    key = "/etc/cohort/cluster.key"                # the cluster key (0600), same on every machine
+    master_key = "/etc/cohort/master.key"          # encrypts tenant secrets, same everywhere
 
     [storage]
     backend = "local"         # a directory every machine mounts at the same path
@@ -61,6 +63,8 @@ class NodeConfig:
     coordinator: str
     storage_path: str
     credentials: str = ""
+    cluster_key: str = "/etc/cohort/cluster.key"
+    master_key: str = ""
     storage_backend: str = "local"
     partitions: int = 256
     lease_ttl: float = 2.0
@@ -148,6 +152,8 @@ def parse_config(text: str, source: str = "<string>") -> NodeConfig:
             storage_path=_get(doc, "storage", "path", str),
             storage_backend=_get(doc, "storage", "backend", str, "local"),
             credentials=_get(doc, "cluster", "credentials", str, ""),
+            cluster_key=_get(doc, "cluster", "key", str, "/etc/cohort/cluster.key"),
+            master_key=_get(doc, "cluster", "master_key", str, ""),
             partitions=_get(doc, "cluster", "partitions", int, 256),
             lease_ttl=_get(doc, "cluster", "lease_ttl", float, 2.0),
             server_port=_get(doc, "server", "port", int, 7000),

@@ -14,6 +14,13 @@ takes the decoded ``params`` and returns something msgpack can encode.  A handle
 raises :class:`RpcError` sends that code and message back; any other exception becomes
 ``code="Internal"`` (and is logged by the server, never swallowed silently).
 
+Every connection is authenticated before its first request is read: the server sends a
+challenge, the client proves a credential (a member's cluster key or a tenant's access
+key) and the server proves it back (:mod:`cohort.auth`).  A peer that fails is
+disconnected and nothing it sent is acted on.  Handlers learn who called them from
+:data:`current_peer`; a method serves tenants only if it was registered with
+``tenants=True``, everything else is for members of the cluster.
+
 Why msgspec: it encodes/decodes msgpack several times faster than alternatives and is a
 well-kept library; frames stay small (a lock request is well under 64 bytes).
 """
@@ -22,13 +29,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import itertools
 import logging
+import socket
 import struct
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgspec
+
+from cohort import auth
+from cohort.auth import AuthError, Credential, Principal, Verifier
 
 log = logging.getLogger("cohort.rpc")
 
@@ -41,6 +53,10 @@ Handler = Callable[[Any], Awaitable[Any]]
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder()
+
+# The authenticated peer of the connection a handler is serving (set per connection).
+current_peer: contextvars.ContextVar[Principal] = contextvars.ContextVar("current_peer")
+HANDSHAKE_TIMEOUT = 5.0
 
 
 class RpcError(Exception):
@@ -66,6 +82,14 @@ class RpcConnectionError(RpcError):
         super().__init__("ConnectionError", message)
 
 
+class RpcAuthError(RpcConnectionError):
+    """The handshake failed: the peer refused our credential or could not prove its own."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.code = "AuthFailed"
+
+
 class RpcTimeout(RpcError):
     """No response within the timeout; the request may or may not have been executed."""
 
@@ -78,27 +102,47 @@ def encode_frame(body: Any) -> bytes:
     return _HEADER.pack(len(payload)) + payload
 
 
-async def read_frame(reader: asyncio.StreamReader) -> Any:
+async def read_frame(reader: asyncio.StreamReader, limit: int = MAX_FRAME) -> Any:
     """Read one frame; raises ``asyncio.IncompleteReadError`` at EOF."""
     header = await reader.readexactly(4)
     (length,) = _HEADER.unpack(header)
-    if length > MAX_FRAME:
-        raise RpcError("FrameTooLarge", f"frame of {length} bytes exceeds {MAX_FRAME}")
+    if length > limit:
+        raise RpcError("FrameTooLarge", f"frame of {length} bytes exceeds {limit}")
     return _decoder.decode(await reader.readexactly(length))
 
 
-class RpcServer:
-    """Serves registered handlers on a TCP port.  ``start()`` returns the bound port."""
+def _nodelay(writer: asyncio.StreamWriter) -> None:
+    sock = writer.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
-    def __init__(self, handlers: dict[str, Handler] | None = None) -> None:
+
+class RpcServer:
+    """Serves registered handlers on a TCP port to authenticated peers.
+
+    ``verifier`` decides who may connect (:class:`cohort.auth.Verifier`).  ``start()``
+    returns the bound port.  ``refused`` counts connections that failed the handshake.
+    """
+
+    def __init__(self, verifier: Verifier, handlers: dict[str, Handler] | None = None) -> None:
+        self.verifier = verifier
         self.handlers: dict[str, Handler] = dict(handlers or {})
+        self.tenant_methods: set[str] = set()
         self._server: asyncio.Server | None = None
         self._conns: set[asyncio.StreamWriter] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self.port = 0
+        self.refused = 0
+        self.handshakes = 0
 
-    def register(self, name: str, handler: Handler) -> None:
+    def register(self, name: str, handler: Handler, *, tenants: bool = False) -> None:
+        """Serve ``name``; to members only unless ``tenants`` (then to tenants too)."""
         self.handlers[name] = handler
+        if tenants:
+            self.tenant_methods.add(name)
+        else:
+            self.tenant_methods.discard(name)
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
         self._server = await asyncio.start_server(self._serve_conn, host, port)
@@ -116,15 +160,37 @@ class RpcServer:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), 2)
 
+    async def _handshake(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> Principal | None:
+        frame, nonce = auth.hello()
+        writer.write(encode_frame(frame))
+        try:
+            proof = await asyncio.wait_for(
+                read_frame(reader, auth.MAX_HANDSHAKE_FRAME), HANDSHAKE_TIMEOUT
+            )
+            principal, accept = auth.check_proof(self.verifier, nonce, proof)
+        except (AuthError, RpcError, TimeoutError, msgspec.DecodeError) as e:
+            self.refused += 1
+            log.warning("refused rpc peer %s: %s", writer.get_extra_info("peername"), e)
+            return None
+        except (asyncio.IncompleteReadError, ConnectionError):
+            self.refused += 1
+            return None
+        writer.write(encode_frame(accept))
+        self.handshakes += 1
+        return principal
+
     async def _serve_conn(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._conns.add(writer)
-        sock = writer.get_extra_info("socket")
-        if sock is not None:
-            import socket
-
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        _nodelay(writer)
         try:
+            principal = await self._handshake(reader, writer)
+            if principal is None:
+                return
+            # every handler task started from here inherits the peer (contextvars copy)
+            current_peer.set(principal)
+            member = principal.is_member
             while True:
                 try:
                     frame = await read_frame(reader)
@@ -134,6 +200,15 @@ class RpcServer:
                     log.warning("dropping malformed rpc frame")
                     return
                 _, rid, method, params = frame
+                if not member and method not in self.tenant_methods:
+                    log.warning("tenant %s called member-only rpc %r", principal.name, method)
+                    if rid != 0:
+                        writer.write(
+                            encode_frame(
+                                [_RESPONSE, rid, False, ["AccessDenied", f"{method} is internal"]]
+                            )
+                        )
+                    continue
                 if rid == 0:
                     # one-way notification (RpcClient.notify): run inline, in arrival
                     # order, no response; the handler must not block for long.
@@ -192,9 +267,12 @@ class RpcClient:
     pending call fails with :class:`RpcConnectionError`; the next call reconnects.
     """
 
-    def __init__(self, host: str, port: int, *, connect_timeout: float = 2.0) -> None:
+    def __init__(
+        self, host: str, port: int, credential: Credential, *, connect_timeout: float = 2.0
+    ) -> None:
         self.host = host
         self.port = port
+        self.credential = credential
         self.connect_timeout = connect_timeout
         self._writer: asyncio.StreamWriter | None = None
         self._reader_task: asyncio.Task[None] | None = None
@@ -221,15 +299,31 @@ class RpcClient:
                 )
             except (OSError, TimeoutError) as e:
                 raise RpcConnectionError(f"cannot connect to {self.address}: {e}") from None
-            import socket
-
-            sock = writer.get_extra_info("socket")
-            if sock is not None:
-                with contextlib.suppress(OSError):
-                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            _nodelay(writer)
+            try:
+                await asyncio.wait_for(self._handshake(reader, writer), self.connect_timeout)
+            except BaseException as e:
+                writer.close()
+                if isinstance(e, AuthError):
+                    raise RpcAuthError(f"{self.address}: {e}") from None
+                if isinstance(e, TimeoutError):
+                    raise RpcConnectionError(f"handshake with {self.address} timed out") from None
+                if isinstance(e, (OSError, asyncio.IncompleteReadError, RpcError)):
+                    raise RpcAuthError(
+                        f"{self.address} closed the connection during the handshake "
+                        "(does it have the same cluster key, or is the access key valid?)"
+                    ) from None
+                raise
             self._writer = writer
             self._reader_task = asyncio.create_task(self._read_loop(reader, writer))
             return writer
+
+    async def _handshake(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        hello = await read_frame(reader, auth.MAX_HANDSHAKE_FRAME)
+        frame, sn, cn = auth.prove(self.credential, hello)
+        writer.write(encode_frame(frame))
+        accept = await read_frame(reader, auth.MAX_HANDSHAKE_FRAME)
+        auth.check_accept(self.credential, sn, cn, accept)
 
     async def _read_loop(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         reason = "connection closed"
@@ -328,16 +422,17 @@ class RpcClient:
 
 
 class ClientPool:
-    """One :class:`RpcClient` per address, created on first use."""
+    """One :class:`RpcClient` per address, created on first use, all with one credential."""
 
-    def __init__(self) -> None:
+    def __init__(self, credential: Credential) -> None:
+        self.credential = credential
         self._clients: dict[str, RpcClient] = {}
 
     def get(self, address: str) -> RpcClient:
         client = self._clients.get(address)
         if client is None:
             host, _, port = address.rpartition(":")
-            client = RpcClient(host, int(port))
+            client = RpcClient(host, int(port), self.credential)
             self._clients[address] = client
         return client
 

@@ -118,10 +118,15 @@ def chaos(
                 return await run_chaos(
                     info, cfg, restart=restart, proxies=cluster.proxies or None, out=print
                 )
-            from cohort.chaos.lock_workload import LockWorkload, server_addresses
+            from cohort.chaos.lock_workload import (
+                LockWorkload,
+                server_addresses,
+                tenant_credential_of,
+            )
 
             lw = LockWorkload(server_addresses(cluster.data_dir), clients=3, seed=seed,
-                              kv_factory=lambda: Boto3KV(info, cfg))  # fmt: skip
+                              kv_factory=lambda: Boto3KV(info, cfg),
+                              credential=tenant_credential_of(cluster.data_dir))  # fmt: skip
             rep, _ = await asyncio.gather(
                 run_chaos(info, cfg, restart=restart, proxies=cluster.proxies or None,
                           lock_intervals=lw.intervals, out=print),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import sys
 import time
@@ -117,7 +118,7 @@ def up(
                     )
                     p.popen = None
             try:
-                events = asyncio.run(_events(cluster.coordinator_address))
+                events = asyncio.run(_events(cluster.coordinator_address, cluster.credential()))
             except Exception:
                 continue
             for ev in events:
@@ -133,10 +134,10 @@ def up(
         console.print("stopped.")
 
 
-async def _events(address: str) -> list[dict[str, Any]]:
+async def _events(address: str, credential: Any) -> list[dict[str, Any]]:
     from cohort.coord import connect
 
-    c = connect(address)
+    c = connect(address, credential)
     try:
         return await c.events()
     finally:
@@ -186,7 +187,12 @@ def server_role(config: ConfigFile = Path("/etc/cohort/cohort.toml")) -> None:
     cfg = _node_config(config)
     argv = ["--id", cfg.server_id, "--coordinator", cfg.coordinator_address(),
             "--storage", cfg.storage_path, "--host", cfg.address,
-            "--port", str(cfg.server_port), "--capacity", str(cfg.capacity)]  # fmt: skip
+            "--port", str(cfg.server_port), "--capacity", str(cfg.capacity),
+            "--cluster-key", cfg.cluster_key]  # fmt: skip
+    if cfg.master_key:
+        argv += ["--master-key", cfg.master_key]
+    if cfg.credentials:
+        argv += ["--credentials", cfg.credentials]
     if cfg.standby:
         argv.append("--standby")
     for t in cfg.tags:
@@ -209,7 +215,10 @@ def director_role(config: ConfigFile = Path("/etc/cohort/cohort.toml")) -> None:
              '{"access_key": ..., "secret_key": ...} readable only by cohort')  # fmt: skip
     argv = ["--id", cfg.director_id, "--coordinator", cfg.coordinator_address(),
             "--storage", cfg.storage_path, "--credentials", cfg.credentials,
-            "--host", cfg.address, "--port", str(cfg.director_port)]  # fmt: skip
+            "--host", cfg.address, "--port", str(cfg.director_port),
+            "--cluster-key", cfg.cluster_key]  # fmt: skip
+    if cfg.master_key:
+        argv += ["--master-key", cfg.master_key]
     for d in cfg.domains:
         argv += ["--domain", d]
     argv += ["--balance", cfg.balance]
@@ -227,7 +236,7 @@ def coordinator_role(config: ConfigFile = Path("/etc/cohort/cohort.toml")) -> No
 
         argv = ["--data-dir", cfg.coordinator_data_dir, "--host", cfg.address,
                 "--port", str(cfg.coordinator_port), "--partitions", str(cfg.partitions),
-                "--lease-ttl", str(cfg.lease_ttl)]  # fmt: skip
+                "--lease-ttl", str(cfg.lease_ttl), "--cluster-key", cfg.cluster_key]  # fmt: skip
         if cfg.log_file("coordinator"):
             argv += ["--log-file", cfg.log_file("coordinator")]
         embedded.main(argv)
@@ -255,6 +264,7 @@ async def _primary_candidate(address: str, name: str) -> None:
 
 
 def main() -> None:
+    os.umask(0o077)  # every file the CLI (and `cohort up`'s children) make is private
     try:
         app()
     except KeyboardInterrupt:

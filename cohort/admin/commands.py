@@ -9,12 +9,15 @@ touching these.  Every command prints for humans by default and one JSON documen
 finish, e.g. a drain that timed out).
 
 The coordinator is found from ``--coordinator HOST:PORT`` (or ``etcd://...``), else
-``$COHORT_COORDINATOR``, else ``<data-dir>/cluster.json`` written by ``cohort up``.
+``$COHORT_COORDINATOR``, else ``<data-dir>/cluster.json`` written by ``cohort up``.  The
+cluster key the CLI proves itself with is ``$COHORT_CLUSTER_KEY`` (a file), else the one
+cluster.json names, else ``<data-dir>/cluster.key``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import time
@@ -82,13 +85,47 @@ def resolve(data_dir: Path, coordinator: str | None) -> str:
                 "--data-dir at the directory `cohort up` uses",
             )
         coordinator = str(json.loads(path.read_text())["coordinator"])
-    if not coordinator.startswith("etcd://") and not _ADDR.match(coordinator):
+    if not coordinator.startswith("etcd") and not _ADDR.match(coordinator):
         fail(
             f"bad coordinator address {coordinator!r}",
             "use HOST:PORT, e.g. --coordinator 127.0.0.1:7400 (see cluster.json), "
             "or etcd://HOST:PORT",
         )
+    _load_credential(data_dir)
     return coordinator
+
+
+_credential: list[Any] = []  # the CLI process's member credential, once resolved
+
+
+def _load_credential(data_dir: Path) -> None:
+    import os
+
+    from cohort.auth import AuthError, ClusterKey
+
+    path = os.environ.get("COHORT_CLUSTER_KEY")
+    doc_path = data_dir / "cluster.json"
+    if not path and doc_path.exists():
+        with contextlib.suppress(ValueError, OSError):
+            path = json.loads(doc_path.read_text()).get("cluster_key")
+    if not path:
+        path = str(data_dir / "cluster.key")
+    try:
+        _credential[:] = [ClusterKey.load(path).member(f"cli-{os.getpid()}")]
+    except AuthError as e:
+        fail(str(e), "set COHORT_CLUSTER_KEY to the cluster key file, or use --data-dir")
+    except OSError as e:
+        fail(
+            f"cannot read the cluster key {path}: {e}",
+            "the CLI needs the cluster key: run it as the user that runs the cluster",
+        )
+
+
+def credential() -> Any:
+    """The member credential the CLI proves itself with (after :func:`resolve`)."""
+    if not _credential:
+        fail("no cluster key loaded", "pass --data-dir or set COHORT_CLUSTER_KEY")
+    return _credential[0]
 
 
 class Session:
@@ -98,7 +135,7 @@ class Session:
         from cohort.coord import connect
 
         self.address = address
-        self.coord = connect(address)
+        self.coord = connect(address, credential())
 
     async def __aenter__(self) -> Session:
         return self
@@ -112,6 +149,13 @@ class Session:
         try:
             return await coro
         except RpcError as e:
+            if e.code == "AuthFailed":
+                raise CliError(
+                    f"the coordinator at {self.address} refused this machine's cluster key: "
+                    f"{e.message}",
+                    "use the cluster.key of the cluster you mean (--data-dir or "
+                    "COHORT_CLUSTER_KEY); see docs/security.md",
+                ) from None
             if e.code in ("ConnectionError", "Timeout") or type(e).__name__ in (
                 "RpcConnectionError",
                 "RpcTimeout",
@@ -164,7 +208,7 @@ async def server_status(address: str, timeout: float = 1.0) -> dict[str, Any] | 
     from cohort.rpc import RpcClient, RpcError
 
     host, _, port = address.rpartition(":")
-    c = RpcClient(host, int(port), connect_timeout=timeout)
+    c = RpcClient(host, int(port), credential(), connect_timeout=timeout)
     try:
         r: dict[str, Any] = await c.call("status", None, timeout=timeout)
         return r
@@ -725,7 +769,7 @@ async def _locks(addr: str, node: str | None) -> dict[str, Any]:
     unsupported = 0
     for m in servers:
         host, _, port = m["address"].rpartition(":")
-        c = RpcClient(host, int(port), connect_timeout=1.0)
+        c = RpcClient(host, int(port), credential(), connect_timeout=1.0)
         try:
             out[m["id"]] = await c.call("dlm.status", None, timeout=2.0)
         except RpcError as e:

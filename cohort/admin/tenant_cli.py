@@ -92,7 +92,10 @@ def tenant_delete(name: str, data_dir: DataDir = Path("./cohort-data")) -> None:
     from cohort.coord import connect
 
     async def owned() -> list[str]:
-        c = connect(doc["coordinator"])
+        from cohort.auth import ClusterKey
+
+        key = ClusterKey.load(doc.get("cluster_key") or data_dir / "cluster.key")
+        c = connect(doc["coordinator"], key.member("cli"))
         try:
             view = await c.view()
         finally:

@@ -24,6 +24,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from cohort.auth import Credential, tenant_credential
 from cohort.chaos.lock_check import LockInterval, Violation, fenced_writes
 from cohort.chaos.runner import CheckOutcome, ClusterInfo, KVClient, OpOutcome
 
@@ -50,7 +51,10 @@ class LockWorkload:
         lock_timeout: float = 5.0,
         kv_factory: Callable[[], KVClient] | None = None,
         fence_key: str = "chaos/fence",
+        credential: Credential | None = None,
     ) -> None:
+        # a tenant's credential (its lock names are in its namespace on every server)
+        self.credential = credential
         self.servers = servers
         self.clients = clients
         self.rng = random.Random(seed)
@@ -90,7 +94,9 @@ class LockWorkload:
             addr = self.rng.choice(addrs)
             holder = f"c{i}.{n}@{addr}"
             n += 1
-            client = DlmClient(addr, poll_interval=0.5)
+            if self.credential is None:
+                raise RuntimeError("LockWorkload needs a credential to lock with")
+            client = DlmClient(addr, self.credential, poll_interval=0.5)
             try:
                 await self._one(client, holder, kv)
             except Exception as e:
@@ -207,6 +213,12 @@ class LockWorkload:
             "fenced-writes", "fail", f"{what}; {len(vs)} violations: {vs[0].detail}",
             [v.to_dict() for v in vs],
         )  # fmt: skip
+
+
+def tenant_credential_of(data_dir: str | Path) -> Credential:
+    """The admin tenant's lock credential from ``cluster.json`` (its access key)."""
+    info = ClusterInfo.load(data_dir)
+    return tenant_credential(info.access_key, info.secret_key)
 
 
 def server_addresses(data_dir: str | Path) -> Callable[[], list[str]]:

@@ -7,18 +7,25 @@
 
 from __future__ import annotations
 
+from cohort.auth import AuthError, Credential
 from cohort.coord.base import Coordinator
 
 
-def connect(address: str) -> Coordinator:
-    """A client of the coordinator at ``address`` (see the module docstring for the forms)."""
-    if address.startswith("etcd://"):
+def connect(address: str, credential: Credential | None = None) -> Coordinator:
+    """A client of the coordinator at ``address`` (see the module docstring for the forms).
+
+    ``credential`` is the member credential the embedded coordinator checks; etcd has its
+    own (client certificates or a user, named in the address).
+    """
+    if address.startswith("etcd"):
         from cohort.coord.etcd import EtcdCoordinator
 
         return EtcdCoordinator(address)
     from cohort.coord.client import RpcCoordinator
 
-    return RpcCoordinator(address)
+    if credential is None:
+        raise AuthError(f"the coordinator at {address} needs a member credential (cluster key)")
+    return RpcCoordinator(address, credential)
 
 
 __all__ = ["Coordinator", "connect"]

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
+from cohort.auth import Credential
 from cohort.rpc import RpcClient
 
 
 class RpcCoordinator:
-    def __init__(self, address: str, *, timeout: float = 3.0) -> None:
+    def __init__(self, address: str, credential: Credential, *, timeout: float = 3.0) -> None:
         host, _, port = address.rpartition(":")
         self.address = address
-        self.client = RpcClient(host, int(port))
+        self.client = RpcClient(host, int(port), credential)
         self.timeout = timeout
 
     async def _call(self, method: str, params: Any = None, timeout: float | None = None) -> Any:

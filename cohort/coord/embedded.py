@@ -17,6 +17,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import sqlite3
 import time
@@ -26,6 +27,7 @@ from typing import Any
 
 import msgspec
 
+from cohort.auth import ClusterKey, Verifier
 from cohort.coord.state import CapacityRule, CoordinatorError, CoordinatorState, LoadPolicy
 from cohort.logs import setup_logging
 from cohort.metrics import CoordinatorMetrics, start_metrics_server
@@ -65,6 +67,7 @@ class EmbeddedCoordinator:
         failback: str = "immediate",
         load_policy: LoadPolicy | None = None,
         capacity_schedule: list[CapacityRule] | None = None,
+        cluster_key: ClusterKey,
     ) -> None:
         data_dir.mkdir(parents=True, exist_ok=True)
         self.store = SqlitePersistence(data_dir / "coordinator.sqlite")
@@ -82,7 +85,8 @@ class EmbeddedCoordinator:
         self.state.capacity_schedule = list(capacity_schedule or [])
         self.persisted_version = self.state.version
         self.changed = asyncio.Condition()
-        self.rpc = RpcServer()
+        # only members of the cluster (holders of the cluster key) may talk to us
+        self.rpc = RpcServer(Verifier(cluster_key))
         handlers: dict[str, Callable[[Any], Awaitable[Any]]] = {
             "join": self.join,
             "heartbeat": self.heartbeat,
@@ -247,6 +251,7 @@ async def serve(args: argparse.Namespace) -> None:
             min_rate=args.load_min_rate,
         ),
         capacity_schedule=[CapacityRule.parse(r) for r in args.capacity_schedule],
+        cluster_key=ClusterKey.load(args.cluster_key),
     )
     port = await coord.start(args.host, args.port)
     stop = asyncio.Event()
@@ -299,8 +304,12 @@ def main(argv: list[str] | None = None) -> None:
         metavar="PATTERN@HH-HH=CAPACITY",
         help="scheduled capacity (follow-the-sun), e.g. 'server-eu-*@08-18=2'; repeatable",
     )
+    ap.add_argument(
+        "--cluster-key", required=True, help="the cluster key file (0600), see docs/security.md"
+    )
     ap.add_argument("--log-file", default=None)
     args = ap.parse_args(argv)
+    os.umask(0o077)  # the SQLite state and logs are private to the cluster's user
     setup_logging("coordinator", args.log_file)
     import uvloop
 

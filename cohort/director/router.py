@@ -20,6 +20,7 @@ import time
 from dataclasses import replace
 from typing import Any
 
+from cohort.auth import Credential
 from cohort.coord.base import Coordinator
 from cohort.director.policy import Candidate, Chooser, NoCandidate, Request, RoundRobin
 from cohort.rpc import ClientPool, RpcConnectionError, RpcError, RpcTimeout
@@ -42,6 +43,7 @@ class Router:
         rpc_timeout: float = 5.0,
         hot_reads: float = 0.0,
         policy: Chooser | None = None,
+        credential: Credential,
     ) -> None:
         # hot read-only spreading: a partition read more than ``hot_reads`` times a
         # second (0 = never) gets read replicas on other servers
@@ -55,7 +57,7 @@ class Router:
         self.candidates: dict[str, Candidate] = {}  # address -> the server, as a candidate
         self._bg: set[asyncio.Task[Any]] = set()
         self.coord = coord
-        self.pool = ClientPool()
+        self.pool = ClientPool(credential)  # servers check it before they act
         self.deadline = deadline
         self.rpc_timeout = rpc_timeout
         self.view: dict[str, Any] = {"version": -1, "partitions": [], "members": [], "buckets": []}

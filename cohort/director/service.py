@@ -14,6 +14,7 @@ from pathlib import Path
 from aiohttp import web
 
 from cohort.admin.web import AdminApp
+from cohort.auth import ClusterKey
 from cohort.coord import connect
 from cohort.coord.base import Coordinator
 from cohort.director.policy import Chooser, from_config
@@ -54,8 +55,9 @@ async def _membership(coord: Coordinator, member_id: str, address: str) -> None:
 
 
 async def serve(args: argparse.Namespace) -> None:
-    coord = connect(args.coordinator)
-    router = Router(coord, hot_reads=args.hot_reads, policy=args.balance)
+    credential = ClusterKey.load(args.cluster_key).member(args.id)
+    coord = connect(args.coordinator, credential)
+    router = Router(coord, hot_reads=args.hot_reads, policy=args.balance, credential=credential)
     await router.start()
     keys = load_keys(args.credentials)
     store = LocalStore(args.storage)
@@ -138,8 +140,12 @@ def main(argv: list[str] | None = None) -> None:
         help="who serves a read of a partition with read replicas: round-robin, weighted "
         "(by server capacity), least-outstanding, or a JSON rules object (docs/operations.md)",
     )
+    ap.add_argument(
+        "--cluster-key", required=True, help="the cluster key file (0600), see docs/security.md"
+    )
     ap.add_argument("--log-file", default=None)
     args = ap.parse_args(argv)
+    os.umask(0o077)  # data, logs and secrets are private to the cluster's user
     setup_logging(args.id, args.log_file)
     import uvloop
 

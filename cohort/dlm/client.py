@@ -7,6 +7,15 @@ keep-alive): blocking notifications and lock losses come back that way.  A sessi
 heard from for ``session_timeout`` seconds is closed and its locks released, so a
 crashed client never keeps a lock for long.
 
+Who may lock what: every connection is authenticated (:mod:`cohort.rpc`).  A tenant's
+session (an application with a tenant's access key) sees only its own namespace: the
+name ``jobs/42`` it asks for is the agent's ``tenant/<tenant>/jobs/42``, so no tenant can
+see, take or block another tenant's names or the system's ``partition/*`` locks.  A
+session belongs to the principal that opened it; another principal's calls on it are
+answered as for an unknown session.  A session holds at most ``max_locks`` locks and
+requests at once, and a tenant at most ``max_sessions`` sessions per agent.  Members of
+the cluster (its own processes) lock names as given.
+
 Client side: :class:`DlmClient`::
 
     client = DlmClient("127.0.0.1:7000")
@@ -19,11 +28,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
+import secrets
 import time
 from collections.abc import Callable
 from typing import Any
 
+from cohort.auth import Credential, Principal
 from cohort.dlm.agent import Handle, LockAgent, LostFlag
 from cohort.dlm.call import AcquireCall
 from cohort.dlm.errors import (
@@ -36,7 +46,10 @@ from cohort.dlm.errors import (
     UsageError,
 )
 from cohort.dlm.modes import Mode, parse_mode
-from cohort.rpc import RpcClient, RpcError, RpcServer
+from cohort.rpc import RpcClient, RpcError, RpcServer, current_peer
+
+MAX_NAME = 255
+TENANT_PREFIX = "tenant/"
 
 _ERRORS: dict[str, type[DlmError]] = {
     "NotQueued": NotQueued,
@@ -49,9 +62,17 @@ _ERRORS: dict[str, type[DlmError]] = {
 }
 
 
+def _set_value(h: Handle, value: Any) -> None:
+    if not isinstance(value, bytes) or len(value) > 64:
+        raise RpcError("UsageError", "a lock value block is at most 64 bytes")
+    h.set_value(value)
+
+
 class _Session:
-    def __init__(self, sid: int) -> None:
+    def __init__(self, sid: int, owner: Principal) -> None:
         self.sid = sid
+        self.owner = owner
+        self.pending = 0  # lock requests waiting
         self.handles: dict[int, Handle] = {}
         self.events: list[list[Any]] = []
         self.wake = asyncio.Event()
@@ -68,36 +89,75 @@ class ClientService:
         *,
         session_timeout: float = 5.0,
         lease_remaining: Callable[[], float] | None = None,
+        max_locks: int = 1000,
+        max_sessions: int = 64,
     ) -> None:
         self.agent = agent
         self.session_timeout = session_timeout
+        self.max_locks = max_locks
+        self.max_sessions = max_sessions
         # Seconds the host's membership lease still runs (None: no leases).  Every
         # answer carries it, so a client knows how long its locks are good for without
         # hearing from us again (see DlmClient.valid_until).
         self.lease_remaining = lease_remaining
         self.sessions: dict[int, _Session] = {}
-        self._sids = itertools.count(1)
         self._reaper: asyncio.Task[None] | None = None
         for name in ("open", "lock", "release", "convert", "poll", "close"):
-            server.register(f"dlm.c.{name}", getattr(self, f"_c_{name}"))
+            server.register(f"dlm.c.{name}", getattr(self, f"_c_{name}"), tenants=True)
 
-    def _session(self, sid: int) -> _Session:
-        s = self.sessions.get(sid)
-        if s is None:
+    @staticmethod
+    def _peer() -> Principal:
+        # handlers run only on authenticated connections (cohort.rpc sets the peer)
+        return current_peer.get()
+
+    def _session(self, sid: Any) -> _Session:
+        s = self.sessions.get(sid) if isinstance(sid, int) else None
+        if s is None or s.owner != self._peer():
+            # another principal's session is answered as an unknown one: sessions of
+            # others can be neither seen nor used
             raise RpcError("LockLost", f"session {sid} expired; its locks were released")
         s.seen = time.monotonic()
         return s
 
+    @staticmethod
+    def resource_name(owner: Principal, name: Any) -> str:
+        """The agent's resource for ``name`` asked by ``owner`` (a tenant's namespace)."""
+        if not isinstance(name, str) or not name or len(name) > MAX_NAME or "\0" in name:
+            raise RpcError("UsageError", f"a lock name is 1 to {MAX_NAME} characters, no NUL")
+        if owner.is_member:
+            return name
+        return f"{TENANT_PREFIX}{owner.name}/{name}"
+
     async def _c_open(self, params: Any) -> int:
-        sid = next(self._sids)
-        self.sessions[sid] = _Session(sid)
+        owner = self._peer()
+        if not owner.is_member:
+            mine = sum(1 for s in self.sessions.values() if s.owner == owner)
+            if mine >= self.max_sessions:
+                raise RpcError(
+                    "TooManySessions",
+                    f"tenant {owner.name} has {mine} lock sessions on this server "
+                    f"(at most {self.max_sessions}); close some",
+                )
+        sid = secrets.randbits(62) + 1  # unguessable: not that it matters, sessions are owned
+        self.sessions[sid] = _Session(sid, owner)
         if self._reaper is None:
             self._reaper = asyncio.get_running_loop().create_task(self._reap())
         return sid
 
     async def _c_lock(self, params: Any) -> list[Any]:
-        sid, name, mode, timeout, noqueue, blocking = params
+        try:
+            sid, name, mode, timeout, noqueue, blocking = params
+            mode = Mode(mode)
+        except (TypeError, ValueError):
+            raise RpcError("UsageError", "malformed lock request") from None
         s = self._session(sid)
+        resource = self.resource_name(s.owner, name)
+        if len(s.handles) + s.pending >= self.max_locks:
+            raise RpcError(
+                "TooManyLocks",
+                f"this session holds or waits for {len(s.handles) + s.pending} locks "
+                f"(at most {self.max_locks}); release some first",
+            )
         cb: Callable[[Mode], None] | None = None
         box: list[Handle] = []
         if blocking:
@@ -107,12 +167,20 @@ class ClientService:
                     s.events.append(["blocking", box[0].lid, int(m)])
                     s.wake.set()
 
+        s.pending += 1
         try:
             h = await self.agent.lock(
-                name, mode, timeout=timeout, noqueue=noqueue, on_blocking=cb, owner=("client", sid)
+                resource,
+                mode,
+                timeout=timeout,
+                noqueue=noqueue,
+                on_blocking=cb,
+                owner=("client", sid),
             )
         except DlmError as e:
-            raise RpcError(type(e).__name__, str(e)) from None
+            raise RpcError(type(e).__name__, self._unprefix(s.owner, str(e))) from None
+        finally:
+            s.pending -= 1
         box.append(h)
         if sid not in self.sessions:  # session expired while waiting
             await h.release()
@@ -129,6 +197,11 @@ class ClientService:
             self._lease(),
         ]
 
+    @staticmethod
+    def _unprefix(owner: Principal, text: str) -> str:
+        # error messages name resources: a tenant sees its own names only
+        return text if owner.is_member else text.replace(f"{TENANT_PREFIX}{owner.name}/", "")
+
     def _lease(self) -> float | None:
         return None if self.lease_remaining is None else max(0.0, self.lease_remaining())
 
@@ -143,7 +216,7 @@ class ClientService:
         h = s.handles.pop(lid, None)
         if h is not None:
             if value is not None:
-                h.set_value(value)
+                _set_value(h, value)
             await h.release()
 
     async def _c_convert(self, params: Any) -> list[Any]:
@@ -153,11 +226,13 @@ class ClientService:
         if h is None:
             raise RpcError("LockLost", "lock not held")
         if value is not None:
-            h.set_value(value)
+            _set_value(h, value)
         try:
             await h.convert(Mode(mode), timeout=timeout, noqueue=noqueue)
         except DlmError as e:
-            raise RpcError(type(e).__name__, str(e)) from None
+            raise RpcError(type(e).__name__, self._unprefix(s.owner, str(e))) from None
+        except ValueError:
+            raise RpcError("UsageError", f"no lock mode {mode!r}") from None
         return [int(h.mode or 0), h.token, h.value, h.value_valid, h.previous_holder_died]
 
     async def _c_poll(self, params: Any) -> dict[str, Any]:
@@ -172,7 +247,11 @@ class ClientService:
         return {"events": ev, "lease": self._lease()}
 
     async def _c_close(self, params: Any) -> None:
-        s = self.sessions.pop(params, None)
+        self._session(params)
+        await self._close_session(params)
+
+    async def _close_session(self, sid: int) -> None:
+        s = self.sessions.pop(sid, None)
         if s is not None:
             for h in s.handles.values():
                 await h.release()
@@ -183,7 +262,7 @@ class ClientService:
             now = time.monotonic()
             for sid, s in list(self.sessions.items()):
                 if now - s.seen > self.session_timeout:
-                    await self._c_close(sid)
+                    await self._close_session(sid)
 
     def close(self) -> None:
         if self._reaper is not None:
@@ -243,11 +322,15 @@ class RemoteHandle:
 
 
 class DlmClient:
-    """Takes locks from a running agent at ``address`` ("host:port") over TCP."""
+    """Takes locks from a running agent at ``address`` ("host:port") over TCP.
 
-    def __init__(self, address: str, *, poll_interval: float = 1.0) -> None:
+    ``credential`` is a tenant's (:func:`cohort.auth.tenant_credential` from an access
+    key and its secret: names are then in that tenant's namespace) or a member's.
+    """
+
+    def __init__(self, address: str, credential: Credential, *, poll_interval: float = 1.0) -> None:
         host, _, port = address.rpartition(":")
-        self.rpc = RpcClient(host, int(port))
+        self.rpc = RpcClient(host, int(port), credential)
         self.sid = 0
         self.poll_interval = poll_interval
         self._handles: dict[int, RemoteHandle] = {}

@@ -231,10 +231,12 @@ class TcpTransport:
       same address.
     """
 
-    def __init__(self, server: RpcServer, pool: ClientPool | None = None) -> None:
+    def __init__(self, server: RpcServer, pool: ClientPool, *, own_pool: bool = False) -> None:
+        # ``pool`` carries the member credential peers check; ``server`` checks theirs.
+        # ``own_pool``: close the pool with the transport.
         self.server = server
-        self.pool = pool if pool is not None else ClientPool()
-        self._own_pool = pool is None
+        self.pool = pool
+        self._own_pool = own_pool
         self.node_id = ""
         self.session = random.getrandbits(31)
         self._deliver: Deliver | None = None

@@ -35,6 +35,7 @@ from typing import Any
 
 import msgspec
 
+from cohort.auth import ClusterKey, TenantLookup, Verifier
 from cohort.coord import connect
 from cohort.coord.base import Coordinator
 from cohort.dlm import Handle, LockAgent, Mode, TcpTransport
@@ -45,7 +46,7 @@ from cohort.logs import setup_logging
 from cohort.metrics import InstrumentedStore, ServerMetrics, start_metrics_server
 from cohort.oplog.log import PartitionLog
 from cohort.partitioning import partition_of
-from cohort.rpc import RpcClient, RpcError, RpcServer
+from cohort.rpc import ClientPool, RpcClient, RpcError, RpcServer
 from cohort.server.host import NotServing, PartitionHost
 from cohort.server.state import ObjectMeta, PartitionState, Upload, meta_to_wire
 from cohort.storage.base import Store
@@ -149,8 +150,14 @@ class Server:
         standby: bool = False,
         advertise: str | None = None,
         tags: list[str] | None = None,
+        cluster_key: ClusterKey,
+        tenants: TenantLookup | None = None,
     ) -> None:
         self.id = member_id
+        # who may talk to us: members with the cluster key; tenants (by access key, for
+        # DLM sessions only); and what we prove to peers
+        self.cluster_key = cluster_key
+        self.credential = cluster_key.member(member_id)
         # labels directors' balancing rules can select (``[director] balance``)
         self.tags = sorted(set(tags or []))
         # the address peers and directors are told to dial (default: where we listen);
@@ -165,7 +172,7 @@ class Server:
         self.bind = (host, port)
         self.capacity = capacity
         self.standby = standby
-        self.rpc = RpcServer()
+        self.rpc = RpcServer(Verifier(cluster_key, tenants))
         for name in (
             "obj.put",
             "obj.get",
@@ -272,7 +279,7 @@ class Server:
         if self.agent is not None:
             self.agent.close()  # every lock of the old incarnation is lost (and told so)
         self.dlm_locks.clear()
-        self.dlm_transport = TcpTransport(self.rpc)
+        self.dlm_transport = TcpTransport(self.rpc, ClientPool(self.credential), own_pool=True)
         self.agent = LockAgent(self.dlm_node, self.dlm_transport, lease_valid=self.lease_valid)
         # programs that are not Cohort servers take cluster locks through any server
         # (cohort.dlm.client.DlmClient); the sessions belong to this incarnation
@@ -638,7 +645,7 @@ class Server:
         if addr is None:
             return False
         host, _, port = addr.rpartition(":")
-        client = RpcClient(host, int(port), connect_timeout=1.0)
+        client = RpcClient(host, int(port), self.credential, connect_timeout=1.0)
         try:
             r = await client.call("part.shared", {"p": p}, timeout=2.0)
             return bool(r.get("shared"))
@@ -1183,12 +1190,30 @@ def _faulty(store: Store, spec: str) -> Store:
     return FaultyStore(store, schedule=schedule)
 
 
+def _tenant_keys(args: argparse.Namespace) -> TenantLookup | None:
+    """Tenants' access keys, for their DLM sessions (None: members only)."""
+    if not args.master_key:
+        return None
+    import json
+    from pathlib import Path
+
+    from cohort.tenants import KeyCache
+
+    bootstrap: dict[str, str] = {}
+    if args.credentials:
+        creds = json.loads(Path(args.credentials).read_text())
+        bootstrap = {creds["access_key"]: creds["secret_key"]}
+    master = Path(args.master_key).read_bytes().strip()
+    return KeyCache(LocalStore(args.storage), master, bootstrap=bootstrap).lookup
+
+
 async def serve(args: argparse.Namespace) -> None:
     store: Store = LocalStore(args.storage)
     spec = args.faulty_store or os.environ.get("COHORT_FAULTY_STORE")
     if spec:
         store = _faulty(store, spec)
-    coord = connect(args.coordinator)
+    cluster_key = ClusterKey.load(args.cluster_key)
+    coord = connect(args.coordinator, cluster_key.member(args.id))
     server = Server(
         args.id,
         store,
@@ -1199,6 +1224,8 @@ async def serve(args: argparse.Namespace) -> None:
         standby=args.standby,
         advertise=args.advertise,
         tags=args.tag,
+        cluster_key=cluster_key,
+        tenants=_tenant_keys(args),
     )
     server.upload_expiry = args.upload_expiry_seconds
     server.orphan_age = args.orphan_age_seconds
@@ -1258,8 +1285,18 @@ def main(argv: list[str] | None = None) -> None:
         help="chaos testing only: fail about RATE (0.02) of storage writes with EIO/ENOSPC/"
         "slow fsync on a seeded schedule (also env COHORT_FAULTY_STORE)",
     )
+    ap.add_argument(
+        "--cluster-key", required=True, help="the cluster key file (0600), see docs/security.md"
+    )
+    ap.add_argument(
+        "--master-key",
+        default=None,
+        help="the key that encrypts tenant secrets: lets tenants take DLM locks here",
+    )
+    ap.add_argument("--credentials", default=None, help="the admin tenant's credentials.json")
     ap.add_argument("--log-file", default=None)
     args = ap.parse_args(argv)
+    os.umask(0o077)  # data, logs and secrets are private to the cluster's user
     setup_logging(args.id, args.log_file)
     import uvloop
 

@@ -99,7 +99,7 @@ class LocalStore:
         self._ensure_dir(final.parent)
         tmp = final.parent / f".{final.name}.{uuid.uuid4().hex[:12]}{_TMP_SUFFIX}"
         size = 0
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             if isinstance(data, bytes | bytearray | memoryview):
                 view = memoryview(data)
@@ -156,7 +156,7 @@ class LocalStore:
 
     @contextlib.contextmanager
     def _dir_lock(self, d: Path) -> Iterator[None]:
-        fd = os.open(d / ".cohort-lock", os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(d / ".cohort-lock", os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield

@@ -13,6 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cohort.admin.cli import app
+from cohort.auth import ClusterKey
 from cohort.cluster import LocalCluster
 from tests.conftest import cluster_ready, s3_client, start_cluster, wait_for
 
@@ -138,10 +139,22 @@ def test_bad_address(cluster: LocalCluster) -> None:
     r = runner.invoke(app, ["status", "--coordinator", "not-an-address"])
     assert r.exit_code == 2
     assert "bad coordinator address 'not-an-address'" in r.stderr and "HOST:PORT" in r.stderr
-    r = runner.invoke(app, ["status", "--coordinator", "127.0.0.1:1"])
+    key = {"COHORT_CLUSTER_KEY": str(cluster.cluster_key_path)}
+    r = runner.invoke(app, ["status", "--coordinator", "127.0.0.1:1"], env=key)
     assert r.exit_code == 2
     assert "cannot reach the coordinator at 127.0.0.1:1" in r.stderr
     assert "is the cluster running?" in r.stderr
+    # no key, and the wrong key: said so, with what to do
+    r = runner.invoke(app, ["status", "--coordinator", cluster.coordinator_address])
+    assert r.exit_code == 2 and "no cluster key" in r.stderr and "COHORT_CLUSTER_KEY" in r.stderr
+    other = cluster.data_dir.parent / "other.key"
+    ClusterKey.create_file(other)
+    r = runner.invoke(
+        app,
+        ["status", "--coordinator", cluster.coordinator_address],
+        env={"COHORT_CLUSTER_KEY": str(other)},
+    )
+    assert r.exit_code == 2 and "refused this machine's cluster key" in r.stderr, r.stderr
     r = runner.invoke(app, ["partitions", "--data-dir", "/nonexistent/cohort"])
     assert r.exit_code == 2 and "no cluster description" in r.stderr and "--coordinator" in r.stderr
 
@@ -167,7 +180,15 @@ def test_entry_point_subprocess(cluster: LocalCluster) -> None:
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["verdict"] in ("healthy", "degraded")
     r = subprocess.run(
-        [str(exe), "drain", "nobody", "-c", cluster.coordinator_address],
+        [
+            str(exe),
+            "drain",
+            "nobody",
+            "-c",
+            cluster.coordinator_address,
+            "-d",
+            str(cluster.data_dir),
+        ],
         capture_output=True,
         text=True,
         timeout=30,

@@ -30,7 +30,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
 
 def view(cluster: LocalCluster) -> dict[str, Any]:
     async def go() -> dict[str, Any]:
-        c = RpcCoordinator(cluster.coordinator_address)
+        c = RpcCoordinator(cluster.coordinator_address, cluster.credential())
         try:
             return await c.view()
         finally:

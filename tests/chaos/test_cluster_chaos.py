@@ -63,10 +63,11 @@ async def test_short_chaos_run(cluster: Any, tmp_path: Path) -> None:
         fault_interval=(0.5, 1.5), fault_duration=(1.0, 2.5), pause_duration=(3.0, 4.0),
         settle_timeout=90,
     )  # fmt: skip
-    from cohort.chaos.lock_workload import LockWorkload, server_addresses
+    from cohort.chaos.lock_workload import LockWorkload, server_addresses, tenant_credential_of
     from cohort.chaos.runner import Boto3KV
 
     locks = LockWorkload(server_addresses(cluster.data_dir), clients=2, seed=11,
+                         credential=tenant_credential_of(cluster.data_dir),
                          kv_factory=lambda: Boto3KV(info, cfg))  # fmt: skip
     rep, _ = await asyncio.gather(
         run_chaos(info, cfg, restart=_restart(cluster), lock_intervals=locks.intervals),
@@ -206,7 +207,7 @@ async def test_chaos_lock_workload(cluster: Any, tmp_path: Path) -> None:
     """DlmClient EX locks through random servers while servers are killed and restarted:
     grants must never overlap, and the token each holder writes under the lock must never
     go backwards in the order the writes landed."""
-    from cohort.chaos.lock_workload import LockWorkload, server_addresses
+    from cohort.chaos.lock_workload import LockWorkload, server_addresses, tenant_credential_of
     from cohort.chaos.runner import Boto3KV
 
     info = ClusterInfo.load(cluster.data_dir)
@@ -215,6 +216,7 @@ async def test_chaos_lock_workload(cluster: Any, tmp_path: Path) -> None:
         fault_interval=(1.0, 2.0), fault_duration=(1.0, 2.0), settle_timeout=90,
     )  # fmt: skip
     locks = LockWorkload(server_addresses(cluster.data_dir), clients=3, seed=21,
+                         credential=tenant_credential_of(cluster.data_dir),
                          kv_factory=lambda: Boto3KV(info, cfg))  # fmt: skip
     rep, _ = await asyncio.gather(
         run_chaos(info, cfg, restart=_restart(cluster), lock_intervals=locks.intervals),

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from cohort.auth import ClusterKey
 from cohort.cluster import _read_ready, load_credentials
 from cohort.config import ConfigError, load_config, parse_config
 from cohort.coord import connect
@@ -105,6 +106,7 @@ def etcd() -> Iterator[EtcdCluster]:
 def test_roles_from_config_serve_s3(tmp_path: Path, etcd: EtcdCluster) -> None:
     """``cohort coordinator``, two ``cohort server`` and a ``cohort director`` from config files."""
     load_credentials(tmp_path)
+    ClusterKey.create_file(tmp_path / "cluster.key")
     (tmp_path / "storage").mkdir()
     s3_port = free_port()
     procs: list[subprocess.Popen[bytes]] = []
@@ -118,6 +120,7 @@ coordinator = "etcd://{",".join(etcd.endpoints)}/cfgtest"
 partitions = 16
 lease_ttl = 2
 credentials = "{tmp_path / "credentials.json"}"
+key = "{tmp_path / "cluster.key"}"
 [storage]
 path = "{tmp_path / "storage"}"
 [node]
@@ -152,7 +155,7 @@ port = {s3_port}
 
         def ready() -> bool:
             async def check() -> bool:
-                c = connect(address)
+                c = connect(address, ClusterKey.load(tmp_path / "cluster.key").member("t"))
                 try:
                     v: dict[str, Any] = await c.view()
                 finally:

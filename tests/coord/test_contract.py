@@ -23,6 +23,7 @@ from cohort.coord.base import Coordinator
 from cohort.coord.embedded import EmbeddedCoordinator
 from cohort.etcd_server import EtcdCluster, etcd_available
 from cohort.rpc import RpcError
+from tests.keys import KEY, MEMBER
 
 P = 8
 TTL = 2.0
@@ -42,7 +43,9 @@ class Backend:
 
     async def start(self) -> None:
         if self.kind == "embedded":
-            self.embedded = EmbeddedCoordinator(self.tmp / "coord", partitions=P, lease_ttl=TTL)
+            self.embedded = EmbeddedCoordinator(
+                self.tmp / "coord", partitions=P, lease_ttl=TTL, cluster_key=KEY
+            )
             self.port = await self.embedded.start("127.0.0.1", self.port)
 
     @property
@@ -53,7 +56,7 @@ class Backend:
         return self.etcd.address(self.ns, partitions=P, lease_ttl=int(TTL))
 
     def client(self) -> Coordinator:
-        c = connect(self.address)
+        c = connect(self.address, MEMBER)
         self.clients.append(c)
         return c
 

@@ -22,14 +22,15 @@ from cohort.dlm.modes import Mode
 from cohort.dlm.sync import SyncLockAgent
 from cohort.dlm.transport import TcpTransport
 from cohort.rpc import ClientPool, RpcClient, RpcServer
+from tests.keys import KEY_FILE, MEMBER, verifier
 
 EX, PR = Mode.EX, Mode.PR
 
 
 @contextlib.asynccontextmanager
 async def tcp_cluster(n: int) -> AsyncIterator[list[LockAgent]]:
-    servers = [RpcServer() for _ in range(n)]
-    pools = [ClientPool() for _ in range(n)]
+    servers = [RpcServer(verifier()) for _ in range(n)]
+    pools = [ClientPool(MEMBER) for _ in range(n)]
     transports = [TcpTransport(s, p) for s, p in zip(servers, pools, strict=True)]
     agents = [LockAgent(f"t{i}", t, deadlock_wait=0.2) for i, t in enumerate(transports)]
     ports = [await s.start("127.0.0.1", 0) for s in servers]
@@ -87,7 +88,17 @@ class Node:
     def __init__(self, node_id: str) -> None:
         self.id = node_id
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "cohort.dlm.node", "--id", node_id, "--deadlock-wait", "0.2"],
+            [
+                sys.executable,
+                "-m",
+                "cohort.dlm.node",
+                "--id",
+                node_id,
+                "--deadlock-wait",
+                "0.2",
+                "--cluster-key",
+                KEY_FILE,
+            ],
             stdout=subprocess.PIPE,
             text=True,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
@@ -125,7 +136,7 @@ def nodes() -> Iterator[list[Node]]:
 async def set_members(nodes: list[Node], epoch: int) -> None:
     members = {n.id: n.address for n in nodes}
     for n in nodes:
-        c = RpcClient("127.0.0.1", n.port)
+        c = RpcClient("127.0.0.1", n.port, MEMBER)
         await c.call("dlm.admin.membership", [epoch, members], timeout=5)
         await c.close()
 
@@ -133,7 +144,7 @@ async def set_members(nodes: list[Node], epoch: int) -> None:
 async def test_processes_lock_and_kill9_holder(nodes: list[Node]) -> None:
     p0, p1, p2 = nodes
     await set_members(nodes, 1)
-    c0, c1, c2 = (DlmClient(n.address, poll_interval=0.2) for n in nodes)
+    c0, c1, c2 = (DlmClient(n.address, MEMBER, poll_interval=0.2) for n in nodes)
     try:
         # p0 masters partition/3 (first locker), writes a value, then holds EX
         h = await c0.lock("partition/3", EX, timeout=5)
@@ -171,8 +182,8 @@ async def test_processes_lock_and_kill9_holder(nodes: list[Node]) -> None:
 
 async def test_client_session_expiry_releases_locks(nodes: list[Node]) -> None:
     await set_members(nodes, 1)
-    c0 = DlmClient(nodes[0].address)
-    c1 = DlmClient(nodes[1].address)
+    c0 = DlmClient(nodes[0].address, MEMBER)
+    c1 = DlmClient(nodes[1].address, MEMBER)
     try:
         await c0.lock("sess/x", EX, timeout=5)
         # simulate a crashed client: stop its keep-alive poll without closing
@@ -195,8 +206,8 @@ async def test_connection_resets_lose_no_message() -> None:
     stranded the lock (found by the chaos run with proxies between components)."""
     from cohort.chaos.proxy import FaultProxy
 
-    servers = [RpcServer() for _ in range(3)]
-    pools = [ClientPool() for _ in range(3)]
+    servers = [RpcServer(verifier()) for _ in range(3)]
+    pools = [ClientPool(MEMBER) for _ in range(3)]
     transports = [TcpTransport(s, p) for s, p in zip(servers, pools, strict=True)]
     agents = [LockAgent(f"r{i}", t, deadlock_wait=0.2) for i, t in enumerate(transports)]
     ports = [await s.start("127.0.0.1", 0) for s in servers]
@@ -272,12 +283,12 @@ async def test_client_locks_end_with_the_agents_lease() -> None:
     from cohort.dlm.client import ClientService
     from cohort.dlm.transport import MemoryNetwork
 
-    server = RpcServer()
+    server = RpcServer(verifier())
     agent = LockAgent("solo", MemoryNetwork().transport("solo"))
     deadline = [time.monotonic() + 1.0]
     ClientService(agent, server, lease_remaining=lambda: deadline[0] - time.monotonic())
     port = await server.start("127.0.0.1", 0)
-    c = DlmClient(f"127.0.0.1:{port}", poll_interval=0.2)
+    c = DlmClient(f"127.0.0.1:{port}", MEMBER, poll_interval=0.2)
     try:
         h = await c.lock("x", EX, timeout=5)
         first = h.valid_until

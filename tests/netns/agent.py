@@ -79,12 +79,13 @@ async def monitor(address: str) -> None:
         )
 
 
-async def probe(address: str) -> None:
+async def probe(address: str, key_file: str) -> None:
     """Ask a server for its status every 50 ms (run in the server's own namespace)."""
+    from cohort.auth import ClusterKey
     from cohort.rpc import RpcClient, RpcError
 
     host, _, port = address.rpartition(":")
-    c = RpcClient(host, int(port))
+    c = RpcClient(host, int(port), ClusterKey.load(key_file).member("probe"))
     while True:
         try:
             st = await c.call("status", None, timeout=1.0)
@@ -161,7 +162,7 @@ def main() -> None:
     if cmd == "monitor":
         asyncio.run(monitor(args[0]))
     elif cmd == "probe":
-        asyncio.run(probe(args[0]))
+        asyncio.run(probe(args[0], args[1]))
     elif cmd == "load":
         load(*args)
     elif cmd == "verify":

@@ -38,6 +38,7 @@ from typing import IO, Any
 
 import pytest
 
+from cohort.auth import ClusterKey
 from cohort.cluster import _read_ready, load_credentials
 from cohort.etcd_server import EtcdCluster, etcd_available
 
@@ -215,16 +216,18 @@ def test_partitions_without_split_brain(world: dict[str, Any]) -> None:
     storage.mkdir()
     load_credentials(tmp)
     creds = str(tmp / "credentials.json")
+    key = str(tmp / "cluster.key")
+    ClusterKey.create_file(key)
     address = etcd.address("netns", partitions=PARTITIONS, lease_ttl=LEASE_TTL)
 
     for s in ("s1", "s2", "s3"):
         hosts.spawn(s, s, ["-m", "cohort.server.service", "--id", s, "--coordinator", address,
                            "--storage", str(storage), "--host", net.ip[s], "--port", "7000",
-                           "--log-file", str(hosts.logs / f"{s}.log")])  # fmt: skip
+                           "--cluster-key", key, "--log-file", str(hosts.logs / f"{s}.log")])  # fmt: skip
     hosts.spawn("d1", "d1", ["-m", "cohort.director.service", "--id", "d1", "--coordinator",
                              address, "--storage", str(storage), "--credentials", creds,
                              "--host", net.ip["d1"], "--port", "9000",
-                             "--log-file", str(hosts.logs / "d1.log")])  # fmt: skip
+                             "--cluster-key", key, "--log-file", str(hosts.logs / "d1.log")])  # fmt: skip
     mon_p = hosts.spawn("monitor", "c1", [str(AGENT), "monitor", address], ready=False)
     assert mon_p.stdout is not None
     mon = Lines(mon_p.stdout)
@@ -254,7 +257,7 @@ def test_partitions_without_split_brain(world: dict[str, Any]) -> None:
     wait_until(lambda: len(acks()) >= 30, 60, "30 acknowledged PUTs")
     report: dict[str, float] = {}
 
-    probe_p = hosts.spawn("probe", "s1", [str(AGENT), "probe", f"{net.ip['s1']}:7000"],
+    probe_p = hosts.spawn("probe", "s1", [str(AGENT), "probe", f"{net.ip['s1']}:7000", key],
                           ready=False)  # fmt: skip
     assert probe_p.stdout is not None
     probe = Lines(probe_p.stdout)

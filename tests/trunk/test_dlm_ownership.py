@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from cohort.auth import tenant_credential
 from cohort.cluster import LocalCluster
 from cohort.coord import connect
 from cohort.rpc import ClientPool
@@ -19,7 +20,7 @@ from tests.conftest import cluster_ready, s3_client, wait_for
 
 def dlm_status(cluster: LocalCluster) -> dict[str, dict[str, Any]]:
     async def get() -> dict[str, dict[str, Any]]:
-        pool = ClientPool()
+        pool = ClientPool(cluster.credential())
         try:
             out = {}
             for pid, p in cluster.procs.items():
@@ -64,7 +65,7 @@ def test_lock_traffic_is_quiet_in_steady_state_and_moves_on_drain(cluster: Local
     assert steady == 0
 
     async def drain() -> None:
-        c = connect(cluster.coordinator_address)
+        c = connect(cluster.coordinator_address, cluster.credential())
         try:
             await c.set_state("server-1", "draining")
         finally:
@@ -93,7 +94,8 @@ def test_programs_take_cluster_locks_through_any_server(cluster: LocalCluster) -
     servers = [p.address for p in cluster.procs.values() if p.role == "server"]
 
     async def scenario() -> None:
-        a, b = DlmClient(servers[0]), DlmClient(servers[1])
+        cred = tenant_credential(cluster.creds["access_key"], cluster.creds["secret_key"])
+        a, b = DlmClient(servers[0], cred), DlmClient(servers[1], cred)
         try:
             h = await a.lock("app/orders", "EX", timeout=5)
             with pytest.raises(NotQueued):

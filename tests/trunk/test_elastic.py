@@ -28,7 +28,7 @@ def owners(cluster: LocalCluster) -> Counter[str | None]:
 
 def set_state(cluster: LocalCluster, member: str, state: str) -> None:
     async def go() -> None:
-        c = connect(cluster.coordinator_address)
+        c = connect(cluster.coordinator_address, cluster.credential())
         try:
             await c.set_state(member, state)
         finally:

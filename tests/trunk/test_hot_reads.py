@@ -20,7 +20,7 @@ from tests.conftest import s3_client, start_cluster, wait_for
 
 def dlm_views(cluster: LocalCluster) -> dict[str, dict[str, Any]]:
     async def get() -> dict[str, dict[str, Any]]:
-        pool = ClientPool()
+        pool = ClientPool(cluster.credential())
         try:
             return {
                 pid: await pool.get(p.address).call("dlm.status", None)

@@ -77,10 +77,16 @@ async def test_a_server_whose_lock_agent_fenced_itself_rejoins(tmp_path: Path) -
     from cohort.coord import connect
     from cohort.coord.embedded import EmbeddedCoordinator
     from cohort.server.service import Server
+    from tests.keys import KEY
 
-    coord = EmbeddedCoordinator(tmp_path / "coord", partitions=4, lease_ttl=2.0)
+    coord = EmbeddedCoordinator(tmp_path / "coord", partitions=4, lease_ttl=2.0, cluster_key=KEY)
     port = await coord.start("127.0.0.1", 0)
-    server = Server("s1", LocalStore(str(tmp_path / "storage")), connect(f"127.0.0.1:{port}"))
+    server = Server(
+        "s1",
+        LocalStore(str(tmp_path / "storage")),
+        connect(f"127.0.0.1:{port}", KEY.member("s1")),
+        cluster_key=KEY,
+    )
     await server.start()
     try:
         first = server.incarnation

@@ -372,7 +372,8 @@ def _with_router(pc: LocalCluster, fn: Any) -> Any:
     from cohort.director.router import Router
 
     async def run() -> Any:
-        router = Router(connect(pc.coordinator_address))
+        cred = pc.credential()
+        router = Router(connect(pc.coordinator_address, cred), credential=cred)
         await router.start()
         try:
             return await fn(router)
