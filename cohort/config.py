@@ -87,14 +87,21 @@ class NodeConfig:
 
     @property
     def uses_etcd(self) -> bool:
-        return self.coordinator.startswith("etcd://")
+        return self.coordinator.startswith("etcd")
 
     def coordinator_address(self) -> str:
         """The address every role connects to; etcd addresses carry partitions and lease TTL."""
-        if not self.uses_etcd or "?" in self.coordinator:
+        if not self.uses_etcd:
             return self.coordinator
         ttl = max(2, int(-(-self.lease_ttl // 1)))
-        return f"{self.coordinator}?partitions={self.partitions}&lease_ttl={ttl}"
+        # an address may carry options already (TLS files, a user): add only what is missing
+        base, _, query = self.coordinator.partition("?")
+        opts = [o for o in query.split("&") if o]
+        have = {o.split("=", 1)[0] for o in opts}
+        for name, value in (("partitions", self.partitions), ("lease_ttl", ttl)):
+            if name not in have:
+                opts.append(f"{name}={value}")
+        return f"{base}?{'&'.join(opts)}"
 
     def log_file(self, role_id: str) -> str | None:
         """``<log_dir>/<role_id>.log`` (the directory is created), or None: log to stderr."""

@@ -116,7 +116,7 @@ def test_roles_from_config_serve_s3(tmp_path: Path, etcd: EtcdCluster) -> None:
         p.write_text(
             f"""
 [cluster]
-coordinator = "etcd://{",".join(etcd.endpoints)}/cfgtest"
+coordinator = "{etcd.address("cfgtest")}"
 partitions = 16
 lease_ttl = 2
 credentials = "{tmp_path / "credentials.json"}"
