@@ -27,13 +27,16 @@ from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http import HttpVersion11
+from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
+from aiohttp.web_protocol import RequestHandler
 
 from cohort.director.ops import classify, split_path
 from cohort.director.router import Router, Unavailable
 from cohort.partitioning import blob_key, partition_of
 from cohort.rpc import RpcError
 from cohort.s3 import names, xmlio
-from cohort.s3.checksums import parse_checksum_headers
+from cohort.s3.checksums import parse_checksum_headers, verify_small_body
 from cohort.s3.chunked import AwsChunkedDecoder
 from cohort.s3.errors import ERROR_TABLE, S3Error
 from cohort.s3.sigv2 import has_v2_auth, verify_v2
@@ -47,7 +50,13 @@ log = logging.getLogger("cohort.director.s3")
 READ_CHUNK = 1 << 20
 SMALL_OBJECT = 1 << 20
 MAX_OBJECT = 5 * 1024**4  # 5 TiB, S3's limit for one object
-MAX_SINGLE_PUT = 5 * 1024**3  # 5 GiB, S3's limit for one PUT
+MAX_SINGLE_PUT = names.MAX_SINGLE_PUT  # 5 GiB, S3's limit for one PUT (and one part)
+# bodies read whole (DeleteObjects, CompleteMultipartUpload, ACLs, CreateBucket): 1000
+# keys or 10000 parts fit in a few MB; more is answered MaxMessageLengthExceeded
+MAX_XML_BODY = 8 * 1024**2
+# the request header checks done before the body is read (EntityTooLarge, metadata)
+_BODY_OPS = frozenset({"PutObject", "UploadPart"})
+_CREATING_OPS = frozenset({"PutObject", "CopyObject", "CreateMultipartUpload"})
 # operations an anonymous (unsigned) request may attempt; ACLs then decide
 ANONYMOUS_OPS = {"GetObject", "HeadObject", "ListObjects", "ListObjectsV2", "HeadBucket"}
 CANNED_ACLS = {"private", "public-read"}
@@ -106,9 +115,12 @@ class S3App:
         # operator endpoints under /_cohort/ (bucket names cannot start with "_")
         self.on_request: Callable[[str, int, float], None] | None = None
         self.admin: Callable[[web.Request], Awaitable[web.StreamResponse]] | None = None
-        self.app = web.Application(client_max_size=MAX_SINGLE_PUT)
+        self.app = web.Application(client_max_size=MAX_XML_BODY)
         self.app.router.add_route("*", "/_cohort/{tail:.*}", self._admin)
-        self.app.router.add_route("*", "/{tail:.*}", self.handle)
+        # "Expect: 100-continue" is answered by handle itself, once the request passed
+        # authentication and the header checks: a refused upload never sends its body
+        # [\s\S]: a key may hold a (percent-encoded) newline, which "." would not match
+        self.app.router.add_route("*", "/{tail:[\\s\\S]*}", self.handle, expect_handler=_no_expect)
         self.handlers: dict[str, Callable[[web.Request, str, str], Any]] = {
             "ListBuckets": self.list_buckets,
             "CreateBucket": self.create_bucket,
@@ -157,10 +169,11 @@ class S3App:
                 if self.domains
                 else None
             )
+            # strict UTF-8: bytes that are not UTF-8 are InvalidURI, never U+FFFD
             if vhost is not None:  # virtual-hosted style: the whole path is the key
-                bucket, key = vhost, urllib.parse.unquote(raw_path)[1:]
+                bucket, key = vhost, names.decode_path(raw_path)[1:]
             else:
-                bucket, key = split_path(urllib.parse.unquote(raw_path))
+                bucket, key = split_path(names.decode_path(raw_path))
             query = dict(urllib.parse.parse_qsl(request.query_string, keep_blank_values=True))
             req = classify(request.method, bucket, key, query, request.headers)
             op = req.op
@@ -187,9 +200,22 @@ class S3App:
             handler = self.handlers.get(req.op)
             if handler is None:
                 raise S3Error("NotImplemented", f"{req.op} is not implemented by Cohort yet.")
+            self.check_request_headers(request, op, key)
+            if (
+                request.version >= HttpVersion11
+                and request.headers.get("Expect", "").lower() == "100-continue"
+            ):
+                await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+                request.writer.output_size = 0  # the response proper has not started
             resp: web.StreamResponse = await handler(request, bucket, key)
         except S3Error as e:
             resp = self.error_response(request, e, resource)
+        except web.HTTPRequestEntityTooLarge:  # request.read() past MAX_XML_BODY
+            resp = self.error_response(
+                request,
+                S3Error("MaxMessageLengthExceeded", extra={"MaxMessageLength": str(MAX_XML_BODY)}),
+                resource,
+            )
         except Unavailable as e:
             log.warning("unavailable: %s", e)
             resp = self.error_response(
@@ -207,6 +233,23 @@ class S3App:
         if self.on_request is not None:
             self.on_request(op, resp.status, time.perf_counter() - t0)
         return resp
+
+    @staticmethod
+    def check_request_headers(request: web.Request, op: str, key: str) -> None:
+        """The limits that headers alone decide, checked before any of the body is read:
+        a PUT or part over 5 GiB (EntityTooLarge), user metadata over 2 KB
+        (MetadataTooLarge), NUL / CR / LF in a key being created (InvalidArgument)."""
+        if op in _BODY_OPS:
+            auth: AuthResult | None = request.get("auth")
+            names.check_upload_size(
+                request.headers, streaming=auth is not None and auth.is_streaming
+            )
+        if op in _CREATING_OPS:
+            names.check_new_key(key)
+            if op != "CopyObject" or (
+                request.headers.get("x-amz-metadata-directive", "COPY").upper() == "REPLACE"
+            ):
+                names.extract_user_metadata(request.headers)
 
     def error_response(self, request: web.Request, e: S3Error, resource: str) -> web.Response:
         self.errors += 1
@@ -864,11 +907,9 @@ class S3App:
     async def delete_objects(self, request: web.Request, bucket: str, key: str) -> web.Response:
         bid = await self.bucket_id(bucket, request)
         body = await request.read()
-        if "Content-MD5" not in request.headers and not any(
-            h.lower().startswith("x-amz-checksum-") for h in request.headers
-        ):
-            # S3 requires an integrity header on DeleteObjects; boto3 always sends one.
-            pass
+        # S3 requires Content-MD5 or an x-amz-checksum-* header on DeleteObjects (boto3
+        # sends x-amz-checksum-crc32, older SDKs Content-MD5) and checks it
+        verify_small_body(request.headers, body, required=True)
         req = xmlio.parse_delete(body)
         keys = [o.key for o in req.objects]
 
@@ -895,7 +936,7 @@ class S3App:
 
     async def copy_object(self, request: web.Request, bucket: str, key: str) -> web.Response:
         names.validate_key(key)
-        src = urllib.parse.unquote(request.headers["x-amz-copy-source"].split("?", 1)[0])
+        src = names.decode_path(request.headers["x-amz-copy-source"].split("?", 1)[0])
         src_bucket, src_key = split_path(src if src.startswith("/") else "/" + src)
         if not src_bucket or not src_key:
             raise S3Error(
@@ -1145,3 +1186,166 @@ class S3App:
             )
         )
         return web.Response(body=body, content_type="application/xml")
+
+
+# -- the HTTP server: S3 errors for what aiohttp refuses, and a header-read timeout ------------
+
+
+async def _no_expect(request: web.Request) -> None:
+    """Expect handler of the S3 route: nothing here; :meth:`S3App.handle` sends
+    ``100 Continue`` once it knows it will read the body."""
+
+
+def _protocol_error(status: int, exc: BaseException | None) -> S3Error:
+    """The S3 error for a request aiohttp's HTTP parser (or protocol) refused."""
+    if isinstance(exc, LineTooLong) or (
+        isinstance(exc, BadHttpMessage) and "too many headers" in exc.message.lower()
+    ):
+        return S3Error(
+            "RequestHeaderSectionTooLarge",
+            "Your request header section (request line, query or a header) exceeds "
+            "the maximum allowed size.",
+        )
+    if isinstance(exc, BadHttpMessage):
+        # the first line of the parser's message names the problem (bad method, invalid
+        # character in the request line or a header: CR/LF/NUL in a key sent unencoded,
+        # ...); the rest echoes the offending bytes, which are not sent back
+        reason = (exc.message or "").strip().splitlines()[:1]
+        detail = f" ({reason[0].rstrip(': ')})" if reason and reason[0].strip() else ""
+        return S3Error("InvalidRequest", f"The HTTP request is malformed{detail}.")
+    if status == 504:
+        return S3Error("RequestTimeout")
+    if 400 <= status < 500:
+        return S3Error("InvalidRequest", "The HTTP request is malformed.", status=status)
+    return S3Error("InternalError")
+
+
+class S3RequestHandler(RequestHandler):
+    """aiohttp's HTTP/1.1 connection protocol with two changes for an S3 front.
+
+    * A request aiohttp refuses itself (bad request line, CR/LF/NUL in the target,
+      oversized request line or header, too many headers) gets an S3 XML error, not
+      aiohttp's plain-text page.
+    * Header-read timeout (against slowloris): the request line and headers must be
+      complete within ``header_timeout`` seconds, counted from the connection's start
+      and, on a kept-alive connection, from the first byte of each further request.
+      Otherwise the connection is answered 400 RequestTimeout and closed (or just
+      closed, if it never sent a byte).  Idle keep-alive connections are aiohttp's
+      ``keepalive_timeout``.
+    """
+
+    __slots__ = ("_got_bytes", "_header_deadline", "_header_timeout")
+
+    def __init__(self, manager: web.Server, *, header_timeout: float, **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        self._header_timeout = header_timeout
+        self._header_deadline: asyncio.TimerHandle | None = None
+        self._got_bytes = False
+
+    # the timer -----------------------------------------------------------------------------
+    def _arm(self, got_bytes: bool) -> None:
+        self._got_bytes = got_bytes
+        if self._header_deadline is None and self._header_timeout > 0:
+            self._header_deadline = self._loop.call_later(
+                self._header_timeout, self._headers_too_slow
+            )
+
+    def _disarm(self) -> None:
+        if self._header_deadline is not None:
+            self._header_deadline.cancel()
+            self._header_deadline = None
+
+    def _headers_too_slow(self) -> None:
+        self._header_deadline = None
+        if self._request_in_progress or self._messages or self.transport is None:
+            return  # a request is being served (its body is the handler's business)
+        if self._got_bytes:
+            body = S3Error(
+                "RequestTimeout",
+                "Your socket connection to the server did not send a complete request "
+                f"header within {self._header_timeout:g} seconds.",
+            ).to_xml(new_id().upper())
+            self.transport.write(
+                b"HTTP/1.1 400 Bad Request\r\nServer: Cohort\r\n"
+                b"Content-Type: application/xml\r\nConnection: close\r\n"
+                + f"Content-Length: {len(body)}\r\n\r\n".encode()
+                + body
+            )
+        log.info("closing a connection that sent no complete request in time")
+        self.force_close()
+
+    # protocol events -------------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self._arm(False)
+
+    def data_received(self, data: bytes) -> None:
+        if data and not self._request_in_progress and not self._messages:
+            self._arm(True)  # bytes of the next request line / headers
+        before = self._request_count
+        super().data_received(data)
+        if self._request_count != before:
+            self._disarm()  # a complete request head was parsed
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    # errors ------------------------------------------------------------------------------------
+    def handle_error(
+        self,
+        request: Any,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if status >= 500:
+            self.log_exception("Error handling request from %s", request.remote, exc_info=exc)
+        else:  # anyone can send garbage: not worth a traceback in the log
+            log.info("bad HTTP request from %s: %s", request.remote, message or exc)
+        if request.writer.output_size > 0:
+            raise ConnectionError("response already started, cannot send an error")
+        rid = new_id().upper()
+        err = _protocol_error(status, exc)
+        resp = web.Response(status=err.status, body=err.to_xml(rid), content_type="application/xml")
+        resp.headers["x-amz-request-id"] = rid
+        resp.headers["x-amz-id-2"] = rid
+        resp.headers["Server"] = "Cohort"
+        resp.force_close()
+        return resp
+
+
+class _S3Server(web.Server):
+    """aiohttp's low-level server, making :class:`S3RequestHandler` connections."""
+
+    def __init__(self, *args: Any, header_timeout: float, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.header_timeout = header_timeout
+
+    def __call__(self) -> RequestHandler:
+        return S3RequestHandler(
+            self, loop=self._loop, header_timeout=self.header_timeout, **self._kwargs
+        )
+
+
+class S3Runner(web.AppRunner):
+    """``web.AppRunner`` whose connections are :class:`S3RequestHandler`.
+
+    ``header_timeout`` bounds the time to a complete request head; every other keyword
+    goes to aiohttp as for AppRunner (``keepalive_timeout``, ``max_line_size``,
+    ``max_field_size``, ``max_headers``...)."""
+
+    def __init__(self, app: web.Application, *, header_timeout: float, **kwargs: Any) -> None:
+        super().__init__(app, **kwargs)
+        self.header_timeout = header_timeout
+
+    async def _make_server(self) -> web.Server:
+        plain = await super()._make_server()
+        return _S3Server(
+            plain.request_handler,
+            request_factory=plain.request_factory,
+            handler_cancellation=plain.handler_cancellation,
+            loop=plain._loop,
+            header_timeout=self.header_timeout,
+            **plain._kwargs,
+        )

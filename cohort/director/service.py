@@ -19,7 +19,7 @@ from cohort.coord import connect
 from cohort.coord.base import Coordinator
 from cohort.director.policy import Chooser, from_config
 from cohort.director.router import Router
-from cohort.director.s3app import S3App
+from cohort.director.s3app import S3App, S3Runner
 from cohort.logs import setup_logging
 from cohort.metrics import DirectorMetrics
 from cohort.rpc import RpcError
@@ -78,7 +78,19 @@ async def serve(args: argparse.Namespace) -> None:
     s3.on_request = metrics.observe
     admin = AdminApp(router, metrics, keys.get, args.id)
     s3.admin = admin.handle
-    runner = web.AppRunner(s3.app, access_log=None, handle_signals=False)
+    runner = S3Runner(
+        s3.app,
+        access_log=None,
+        handle_signals=False,
+        # slowloris: a request head must be complete this soon; idle keep-alive
+        # connections close after keepalive_timeout (aiohttp's default is an hour)
+        header_timeout=args.header_timeout,
+        keepalive_timeout=args.keepalive_timeout,
+        # request line: a 1024-byte key percent-encoded (3 KB) plus a presigned query
+        max_line_size=16384,
+        max_field_size=8190,
+        max_headers=128,
+    )
     await runner.setup()
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -142,6 +154,19 @@ def main(argv: list[str] | None = None) -> None:
     )
     ap.add_argument(
         "--cluster-key", required=True, help="the cluster key file (0600), see docs/security.md"
+    )
+    ap.add_argument(
+        "--header-timeout",
+        type=float,
+        default=float(os.environ.get("COHORT_HEADER_TIMEOUT", "20")),
+        help="seconds a client has to send a complete request line and headers "
+        "(from connecting, or from the first byte of a kept-alive request); 0: no limit",
+    )
+    ap.add_argument(
+        "--keepalive-timeout",
+        type=float,
+        default=float(os.environ.get("COHORT_KEEPALIVE_TIMEOUT", "60")),
+        help="seconds an idle keep-alive connection stays open",
     )
     ap.add_argument("--log-file", default=None)
     args = ap.parse_args(argv)

@@ -14,6 +14,9 @@ base64 of it (:meth:`Hasher.b64digest`).
   InvalidRequest for malformed values).  ``ChecksumRequest.new_set()`` builds the
   hashers to run over the body; ``ChecksumRequest.verify(set, trailers)`` checks the
   results (BadDigest on mismatch) and returns the verified ``{alg: base64}`` to store.
+* :func:`verify_small_body(headers, body) <verify_small_body>` checks a request body
+  that was read whole (DeleteObjects) against its Content-MD5 / ``x-amz-checksum-*``
+  header, and can insist that one is present (S3 requires it for DeleteObjects).
 * :func:`multipart_etag` and :func:`composite_checksum` for CompleteMultipartUpload.
 
 CRC64NVME uses ``awscrt`` when importable (C, fast) and otherwise a table-driven pure
@@ -55,6 +58,7 @@ __all__ = [
     "multipart_etag",
     "new_hasher",
     "parse_checksum_headers",
+    "verify_small_body",
 ]
 
 #: algorithms valid in ``x-amz-checksum-*`` headers
@@ -371,6 +375,29 @@ def parse_checksum_headers(headers: Mapping[str, str]) -> ChecksumRequest:
             raise S3Error("InvalidRequest", "Value for x-amz-checksum-type header is invalid.")
         req.checksum_type = ct
     return req
+
+
+def verify_small_body(headers: Mapping[str, str], body: bytes, *, required: bool) -> None:
+    """Verify a whole, already read request body against its integrity header.
+
+    InvalidDigest / InvalidRequest for malformed headers, BadDigest on mismatch.  With
+    ``required``, a request that carries neither Content-MD5 nor an
+    ``x-amz-checksum-<alg>`` value is refused as S3 refuses it (InvalidRequest
+    "Missing required header for this request: Content-MD5"); a checksum declared only
+    as a trailer does not count, as the body here is not aws-chunked."""
+    req = parse_checksum_headers(headers)
+    if not req.expected:
+        if required:
+            raise S3Error(
+                "InvalidRequest",
+                "Missing required header for this request: Content-MD5 "
+                "(or an x-amz-checksum-* header)",
+            )
+        return
+    computed = req.new_set(include_md5=False)
+    computed.update(body)
+    req.trailer = None
+    req.verify(computed)
 
 
 # --------------------------------------------------------------------------- multipart

@@ -5,7 +5,15 @@
   address, no ``xn--``/``sthree-``/``amzn-s3-demo-`` prefix, no ``-s3alias``/``--ol-s3``/
   ``.mrap``/``--x-s3``/``--table-s3`` suffix); raises InvalidBucketName.
 * :func:`validate_key` -- 1..1024 bytes of UTF-8; raises KeyTooLongError (too long) or
-  InvalidArgument (empty / not encodable).
+  InvalidArgument (empty / not encodable).  :func:`check_new_key` adds the rule for keys
+  being created: no NUL, CR or LF (InvalidArgument); other control characters are
+  allowed, as in S3.
+* :func:`decode_path` -- a percent-encoded request path (or copy source) to text; bytes
+  that are not UTF-8 raise InvalidURI instead of collapsing into U+FFFD (which made
+  ``u%ff`` and ``u%fe`` one key).
+* :func:`check_upload_size` -- EntityTooLarge for a PUT / UploadPart that declares more
+  than 5 GiB (Content-Length, or ``x-amz-decoded-content-length`` for aws-chunked
+  bodies), decided from the headers before any of the body is read.
 * :func:`parse_range(header, size) <parse_range>` -- ``bytes=a-b``, ``bytes=a-``,
   ``bytes=-n``; returns inclusive ``(start, end)``, ``None`` for "send the whole object"
   (no header, syntactically invalid header, or a multi-range -- RFC 7233 says an
@@ -33,16 +41,20 @@ from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from email.utils import format_datetime, parsedate_to_datetime
 from typing import Final
-from urllib.parse import parse_qs, unquote
+from urllib.parse import parse_qs, unquote_to_bytes
 
 from cohort.s3.errors import S3Error
 
 __all__ = [
     "MAX_KEY_BYTES",
+    "MAX_SINGLE_PUT",
     "MAX_USER_METADATA",
     "bucket_from_host",
     "check_conditions",
+    "check_new_key",
+    "check_upload_size",
     "content_range",
+    "decode_path",
     "etag_matches",
     "evaluate_conditions",
     "extract_user_metadata",
@@ -60,6 +72,8 @@ __all__ = [
 ]
 
 MAX_KEY_BYTES: Final = 1024
+#: S3's limit for one PUT and for one part of a multipart upload: 5 GiB
+MAX_SINGLE_PUT: Final = 5 * 1024**3
 _BUCKET_RE = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 _BAD_PREFIXES: Final = ("xn--", "sthree-", "amzn-s3-demo-")
 _BAD_SUFFIXES: Final = ("-s3alias", "--ol-s3", ".mrap", "--x-s3", "--table-s3")
@@ -117,6 +131,65 @@ def validate_key(key: str) -> None:
             "KeyTooLongError",
             extra={"MaxSizeAllowed": str(MAX_KEY_BYTES), "Size": str(size)},
         )
+
+
+_FORBIDDEN_IN_NEW_KEYS = re.compile("[\x00\r\n]")
+
+
+def check_new_key(key: str) -> None:
+    """Raise InvalidArgument if a key being *created* holds NUL, CR or LF.
+
+    S3 itself stores any UTF-8, control characters included.  Cohort refuses these
+    three for new objects: CR/LF split log lines and HTTP headers that echo a key
+    (``Location``, copy sources), and NUL truncates keys in C tools.  Existing objects
+    with such keys stay readable and deletable, so this is not part of
+    :func:`validate_key`."""
+    m = _FORBIDDEN_IN_NEW_KEYS.search(key)
+    if m is not None:
+        raise S3Error(
+            "InvalidArgument",
+            f"Object key must not contain the control character U+{ord(m.group()):04X} "
+            "(NUL, CR and LF are refused).",
+            extra={"ArgumentName": "key", "ArgumentValue": key.encode("unicode_escape").decode()},
+        )
+
+
+def decode_path(raw: str) -> str:
+    """Percent-decode a request path (or copy source) strictly as UTF-8.
+
+    ``raw`` is the path as received; aiohttp hands raw non-ASCII bytes over as
+    surrogate escapes, which are turned back into the bytes they stand for.  Bytes that
+    do not form UTF-8 raise InvalidURI (``urllib.parse.unquote`` would turn every such
+    byte into U+FFFD, so distinct keys would collide)."""
+    if "%" not in raw and raw.isascii():
+        return raw
+    try:
+        data = unquote_to_bytes(raw.encode("utf-8", "surrogateescape"))
+        return data.decode("utf-8")
+    except UnicodeError:
+        raise S3Error(
+            "InvalidURI",
+            "Couldn't parse the specified URI: it is not valid UTF-8 after percent-decoding.",
+            extra={"URI": raw.encode("utf-8", "surrogateescape").decode("ascii", "replace")},
+        ) from None
+
+
+def check_upload_size(headers: Mapping[str, str], *, streaming: bool) -> None:
+    """EntityTooLarge unless the declared body of a PUT / UploadPart is <= 5 GiB.
+
+    ``streaming``: the body is aws-chunked, so its payload size is
+    ``x-amz-decoded-content-length`` (``Content-Length`` then also counts the chunk
+    signatures).  Only headers are looked at: the answer comes before the body."""
+    declared = [headers.get("x-amz-decoded-content-length")]
+    if not streaming:
+        declared.append(headers.get("Content-Length"))
+    for value in declared:
+        v = (value or "").strip()
+        if v.isascii() and v.isdigit() and int(v) > MAX_SINGLE_PUT:
+            raise S3Error(
+                "EntityTooLarge",
+                extra={"ProposedSize": v, "MaxSizeAllowed": str(MAX_SINGLE_PUT)},
+            )
 
 
 # --------------------------------------------------------------------------- ranges
@@ -382,7 +455,7 @@ def parse_copy_source(value: str) -> tuple[str, str, str | None]:
     ``?versionId=``.  Raises InvalidArgument when malformed.
     """
     raw, _, query = value.partition("?")
-    path = unquote(raw).lstrip("/")
+    path = decode_path(raw).lstrip("/")
     bucket, sep, key = path.partition("/")
     if not bucket or not sep or not key:
         raise S3Error(
@@ -431,7 +504,10 @@ def extract_user_metadata(headers: Mapping[str, str]) -> dict[str, str]:
         if lk.startswith("x-amz-meta-"):
             meta[lk] = f"{meta[lk]},{v}" if lk in meta else v
     for k, v in meta.items():
-        total += len(k) - len("x-amz-meta-") + len(v.encode("utf-8"))
+        # header text may carry surrogate escapes (bytes that were not UTF-8): count
+        # them as the bytes they were, never fail on them
+        total += len(k.encode("utf-8", "surrogateescape")) - len("x-amz-meta-")
+        total += len(v.encode("utf-8", "surrogateescape"))
     if total > MAX_USER_METADATA:
         raise S3Error(
             "MetadataTooLarge", extra={"Size": str(total), "MaxSizeAllowed": str(MAX_USER_METADATA)}

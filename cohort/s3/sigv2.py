@@ -7,7 +7,10 @@ Older tools, and boto3 with ``signature_version="s3"`` (including some
   in ``Date`` (or ``x-amz-date``); a skew of more than 15 minutes is refused
   (RequestTimeTooSkewed);
 * presigned query: ``?AWSAccessKeyId=..&Expires=<epoch seconds>&Signature=..``; a request
-  after ``Expires`` is refused (AccessDenied "Request has expired").
+  after ``Expires`` is refused (AccessDenied "Request has expired"), and so is a URL
+  whose ``Expires`` lies more than 7 days (SigV4's cap, :data:`MAX_PRESIGN_EXPIRES`)
+  plus the allowed clock skew in the future (AuthorizationQueryParametersError): a V2
+  URL carries no signing time, so "at most a week from now" is what can be checked.
 
 The string to sign::
 
@@ -43,6 +46,7 @@ from urllib.parse import quote, unquote
 from cohort.s3.errors import S3Error
 
 __all__ = [
+    "MAX_PRESIGN_EXPIRES",
     "SUB_RESOURCES",
     "SigV2Result",
     "canonical_amz_headers",
@@ -96,6 +100,8 @@ SUB_RESOURCES: Final = frozenset(
     }
 )
 MAX_SKEW: Final = 15 * 60
+#: the longest a presigned URL may stay valid, as for SigV4 (X-Amz-Expires <= 604800)
+MAX_PRESIGN_EXPIRES: Final = 7 * 24 * 3600
 _FOLD = re.compile(r"\s*\r?\n\s*")
 
 
@@ -264,6 +270,15 @@ def verify_v2(
                 "Request has expired",
                 extra={
                     "Expires": formatdate(int(expires), usegmt=True),
+                    "ServerTime": formatdate(now, usegmt=True),
+                },
+            )
+        if int(expires) > now + MAX_PRESIGN_EXPIRES + MAX_SKEW:
+            raise S3Error(
+                "AuthorizationQueryParametersError",
+                "Expires must be less than a week (604800 seconds) in the future",
+                extra={
+                    "Expires": expires,
                     "ServerTime": formatdate(now, usegmt=True),
                 },
             )

@@ -160,3 +160,30 @@ def test_multipart_etag_and_composite() -> None:
     crcs = [_b64("CRC32", p) for p in parts]
     raw = b"".join(base64.b64decode(c) for c in crcs)
     assert checksums.composite_checksum("CRC32", crcs) == _b64("CRC32", raw) + "-2"
+
+
+def test_verify_small_body() -> None:
+    body = b"<Delete><Object><Key>k</Key></Object></Delete>"
+    md5 = base64.b64encode(hashlib.md5(body).digest()).decode()
+    crc = Crc32Checksum()
+    crc.update(body)
+    checksums.verify_small_body({"Content-MD5": md5}, body, required=True)
+    checksums.verify_small_body({"x-amz-checksum-crc32": crc.b64digest()}, body, required=True)
+    checksums.verify_small_body(
+        {"Content-MD5": md5, "x-amz-checksum-crc32": crc.b64digest()}, body, required=True
+    )
+    checksums.verify_small_body({}, body, required=False)
+    other = base64.b64encode(hashlib.md5(b"x").digest()).decode()
+    for headers, code in (
+        ({}, "InvalidRequest"),
+        ({"Content-MD5": other}, "BadDigest"),
+        ({"Content-MD5": "bm90IDE2IGJ5dGVz"}, "InvalidDigest"),
+        ({"x-amz-checksum-crc32": "AAAAAA=="}, "BadDigest"),
+        ({"x-amz-checksum-sha256": base64.b64encode(b"\0" * 32).decode()}, "BadDigest"),
+        ({"x-amz-sdk-checksum-algorithm": "CRC32"}, "InvalidRequest"),
+        ({"x-amz-trailer": "x-amz-checksum-crc32"}, "InvalidRequest"),  # no value to check
+        ({"Content-MD5": md5, "x-amz-checksum-crc32": "AAAAAA=="}, "BadDigest"),
+    ):
+        with pytest.raises(S3Error) as ei:
+            checksums.verify_small_body(headers, body, required=True)
+        assert ei.value.code == code, headers

@@ -240,3 +240,57 @@ def test_format_iso8601_float_matches_datetime(ts: float) -> None:
     dt = datetime.fromtimestamp(secs, UTC).replace(microsecond=ms * 1000)
     assert names.format_iso8601(ts) == names.format_iso8601(dt)
     assert names.format_iso8601(ts) == names.format_iso8601(ts)  # cached: same answer
+
+
+def test_user_metadata_counts_utf8_bytes_and_survives_non_utf8() -> None:
+    # 700 x "é" is 1400 bytes in UTF-8; with 700 more and the name, over 2 KB
+    with pytest.raises(S3Error) as ei:
+        names.extract_user_metadata({"x-amz-meta-k": "é" * 700 + "a" * 700})
+    assert ei.value.code == "MetadataTooLarge" and ei.value.status == 400
+    # header text with surrogate escapes (bytes that were not UTF-8) is counted, not a crash
+    assert names.extract_user_metadata({"x-amz-meta-k": "a\udcff"}) == {"x-amz-meta-k": "a\udcff"}
+
+
+def test_decode_path_is_strict_utf8() -> None:
+    assert names.decode_path("/b/plain-key") == "/b/plain-key"
+    assert names.decode_path("/b/a%20b/%C3%BC%E2%82%AC") == "/b/a b/ü€"
+    assert names.decode_path("/b/100%") == "/b/100%"  # not an escape: kept
+    assert names.decode_path("/b/ü") == "/b/ü"  # raw UTF-8 (aiohttp gives text)
+    for raw in ("/b/u%ff", "/b/u%FE", "/b/%C3", "/b/%80", "/b/%ED%A0%80", "/b/u\udcff"):
+        with pytest.raises(S3Error) as ei:
+            names.decode_path(raw)
+        assert ei.value.code == "InvalidURI" and ei.value.status == 400, raw
+    with pytest.raises(S3Error) as ei:
+        names.parse_copy_source("/bkt/u%FF")
+    assert ei.value.code == "InvalidURI"
+
+
+def test_check_new_key() -> None:
+    for ok in ("a", "tab\there", "ctl\x01\x1f\x7f", "ü€😀", "sp ace"):
+        names.check_new_key(ok)
+    for bad in ("a\rb", "a\nb", "a\r\nb", "nul\x00"):
+        with pytest.raises(S3Error) as ei:
+            names.check_new_key(bad)
+        assert ei.value.code == "InvalidArgument"
+
+
+def test_check_upload_size() -> None:
+    limit = names.MAX_SINGLE_PUT
+    assert limit == 5 * 1024**3
+    names.check_upload_size({"Content-Length": str(limit)}, streaming=False)
+    names.check_upload_size({}, streaming=False)
+    names.check_upload_size({"Content-Length": "junk"}, streaming=False)
+    for headers, streaming in (
+        ({"Content-Length": str(limit + 1)}, False),
+        ({"Content-Length": "10", "x-amz-decoded-content-length": str(limit + 1)}, False),
+        ({"Content-Length": "10", "x-amz-decoded-content-length": str(limit + 1)}, True),
+    ):
+        with pytest.raises(S3Error) as ei:
+            names.check_upload_size(headers, streaming=streaming)
+        assert ei.value.code == "EntityTooLarge" and ei.value.status == 400
+        assert ei.value.extra["MaxSizeAllowed"] == str(limit)
+    # aws-chunked: Content-Length also counts chunk signatures; the decoded length rules
+    names.check_upload_size(
+        {"Content-Length": str(limit + 100000), "x-amz-decoded-content-length": str(limit)},
+        streaming=True,
+    )

@@ -165,3 +165,25 @@ def test_botocore_bucket_operations_sign_trailing_slash() -> None:
         with pytest.raises(Stop):
             call()
     assert len(checked) == 4
+
+
+def test_presigned_expiry_is_capped_at_a_week() -> None:
+    """SigV4 refuses X-Amz-Expires over 604800 s; a V2 URL has no signing time, so its
+    Expires may be at most a week (plus the clock skew allowance) from now."""
+    now = time.time()
+    week = 7 * 24 * 3600
+    for seconds in (60, week, week + 10 * 60):  # 10 minutes of client clock skew
+        path, query = _split(presign_url_v2("GET", "/b/k", AK, SK, expires=int(now) + seconds))
+        assert verify_v2("GET", path, query, {}, secret_for, now=now).presigned
+    for seconds in (week + 16 * 60, 30 * 24 * 3600, 10**10):
+        path, query = _split(presign_url_v2("GET", "/b/k", AK, SK, expires=int(now) + seconds))
+        with pytest.raises(S3Error) as e:
+            verify_v2("GET", path, query, {}, secret_for, now=now)
+        assert e.value.code == "AuthorizationQueryParametersError" and e.value.status == 400
+    # boto3's V2 presigner with an 8-day ExpiresIn
+    req = AWSRequest(method="GET", url="http://h/bkt/k")
+    HmacV1QueryAuth(CREDS, expires=8 * 24 * 3600).add_auth(req)
+    path, query = _split(req.url)
+    with pytest.raises(S3Error) as e:
+        verify_v2("GET", path, query, {}, secret_for)
+    assert e.value.code == "AuthorizationQueryParametersError"
