@@ -21,6 +21,13 @@ session cookie ``cohort_session = key.expiry.HMAC-SHA256(secret, key|expiry)``; 
 credentials, and becomes invalid when the secret changes.  State-changing calls also need
 the header ``X-Cohort-Request: 1`` (a page on another origin cannot send it).
 
+Login attempts are throttled (:class:`LoginThrottle`): after 5 failures from one client
+address, that address must wait 1 s, then 2, 4 ... up to 5 minutes after each further
+failure, and all addresses together may fail at most 30 times in a burst and 1 time a
+second after that.  A throttled attempt is answered ``429`` with ``Retry-After`` and its
+credentials are not even looked at, so it tells a guesser nothing.  The secret is
+compared in constant time (digests of equal length), also when the key is unknown.
+
 Live data: one task follows the router's cached view (the director already watches the
 coordinator) and pushes each new version (at most every 100 ms) and new coordinator
 events to every SSE subscriber.  While at least one dashboard is connected, a sampler
@@ -36,6 +43,7 @@ import hashlib
 import hmac
 import json
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Callable
@@ -62,6 +70,82 @@ STATIC = {
     "dashboard.html": "text/html",
     "login.html": "text/html",
 }
+
+
+class LoginThrottle:
+    """Failed dashboard logins, per client address and overall (one per director).
+
+    ``retry_after(addr)`` is 0 when an attempt from ``addr`` may be checked now, else
+    the seconds to wait.  Per address: the first ``free`` failures cost nothing; after
+    that each failure locks the address for ``base * 2**(n - free)`` seconds (at most
+    ``cap``).  An address's record is forgotten ``forget`` seconds after its last
+    failure, or at once on a successful login.  Overall: a token bucket of ``burst``
+    failures refilled at ``rate`` per second, so that guessing from many addresses is
+    bounded too; while it is empty every login waits, including correct ones (the S3
+    API does not depend on the dashboard)."""
+
+    def __init__(
+        self,
+        *,
+        free: int = 5,
+        base: float = 1.0,
+        cap: float = 300.0,
+        forget: float = 900.0,
+        burst: float = 30.0,
+        rate: float = 1.0,
+        max_tracked: int = 10000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.free, self.base, self.cap, self.forget = free, base, cap, forget
+        self.burst, self.rate, self.max_tracked = burst, rate, max_tracked
+        self.clock = clock
+        self.failures: dict[str, tuple[int, float]] = {}  # addr -> (count, last failure)
+        self.tokens = burst
+        self._refilled = clock()
+
+    def _refill(self, now: float) -> None:
+        self.tokens = min(self.burst, self.tokens + (now - self._refilled) * self.rate)
+        self._refilled = now
+
+    def lock_time(self, failures: int) -> float:
+        if failures < self.free:
+            return 0.0
+        return float(min(self.cap, self.base * 2 ** (failures - self.free)))
+
+    def retry_after(self, addr: str) -> float:
+        now = self.clock()
+        self._refill(now)
+        wait = 0.0 if self.tokens >= 1 else (1 - self.tokens) / self.rate
+        rec = self.failures.get(addr)
+        if rec is not None:
+            n, last = rec
+            if now - last > self.forget:
+                del self.failures[addr]
+            else:
+                wait = max(wait, last + self.lock_time(n) - now)
+        return max(0.0, wait)
+
+    def failed(self, addr: str) -> None:
+        now = self.clock()
+        self._refill(now)
+        self.tokens = max(0.0, self.tokens - 1)
+        n = self.failures.pop(addr, (0, now))[0]
+        if len(self.failures) >= self.max_tracked:
+            # bounded memory: forget stale records, else the oldest half
+            stale = [a for a, (_, t) in self.failures.items() if now - t > self.forget]
+            for a in stale or list(self.failures)[: self.max_tracked // 2]:
+                del self.failures[a]
+        self.failures[addr] = (n + 1, now)  # re-inserted: dict order is oldest first
+
+    def succeeded(self, addr: str) -> None:
+        self.failures.pop(addr, None)
+
+
+def _digest(secret: str) -> bytes:
+    return hashlib.sha256(secret.encode("utf-8", "surrogateescape")).digest()
+
+
+_NO_SECRET = _digest("cohort: no such access key")
 
 
 def _asset(name: str) -> bytes:
@@ -108,6 +192,7 @@ class AdminApp:
         self._tasks: list[asyncio.Task[None]] = []
         self._session: aiohttp.ClientSession | None = None
         self._events_seen = 0.0
+        self.throttle = LoginThrottle()
         self.routes: dict[tuple[str, str], Callable[[web.Request], Any]] = {
             ("GET", "/_cohort/metrics"): self.metrics.handle,
             ("GET", "/_cohort/login"): self.login_form,
@@ -179,16 +264,40 @@ class AdminApp:
     async def login_form(self, request: web.Request) -> web.Response:
         return web.Response(body=_asset("login.html"), content_type="text/html")
 
+    @staticmethod
+    def _login_page(
+        message: str, status: int, headers: dict[str, str] | None = None
+    ) -> web.Response:
+        html = _asset("login.html").replace(
+            b"<!--error-->", f'<p class="error">{message}</p>'.encode()
+        )
+        return web.Response(body=html, content_type="text/html", status=status, headers=headers)
+
     async def login(self, request: web.Request) -> web.Response:
         form = await request.post()
+        addr = request.remote or "unknown"
+        # no await from here to the verdict: concurrent guesses cannot all slip past
+        wait = self.throttle.retry_after(addr)
+        if wait > 0:
+            secs = max(1, math.ceil(wait))
+            log.warning("dashboard login from %s throttled for %d s", addr, secs)
+            return self._login_page(
+                f"Too many failed sign-ins. Try again in {secs} s.",
+                429,
+                {"Retry-After": str(secs)},
+            )
         key = str(form.get("access_key", "")).strip()
         secret = str(form.get("secret_key", ""))
         expected = self.secret_for(key) if key else None
-        if expected is None or not hmac.compare_digest(expected.encode(), secret.encode()):
-            html = _asset("login.html").replace(
-                b"<!--error-->", b'<p class="error">Wrong access key or secret.</p>'
-            )
-            return web.Response(body=html, content_type="text/html", status=401)
+        # equal-length digests, and the same work for an unknown key
+        good = hmac.compare_digest(
+            _NO_SECRET if expected is None else _digest(expected), _digest(secret)
+        )
+        if expected is None or not good:
+            self.throttle.failed(addr)
+            log.info("dashboard login failed from %s", addr)
+            return self._login_page("Wrong access key or secret.", 401)
+        self.throttle.succeeded(addr)
         expiry = int(time.time()) + SESSION_SECONDS
         resp = web.HTTPSeeOther("/_cohort/dashboard")
         resp.set_cookie(
