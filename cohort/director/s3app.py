@@ -30,6 +30,7 @@ from aiohttp import web
 from aiohttp.http import HttpVersion11
 from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_request import BaseRequest
 
 from cohort.director.ops import classify, split_path
 from cohort.director.router import Router, Unavailable
@@ -1290,6 +1291,18 @@ class S3RequestHandler(RequestHandler):
     def connection_lost(self, exc: BaseException | None) -> None:
         self._disarm()
         super().connection_lost(exc)
+
+    async def _handle_request(
+        self,
+        request: BaseRequest,
+        start_time: float | None,
+        request_handler: Callable[[BaseRequest], Awaitable[web.StreamResponse]],
+    ) -> tuple[web.StreamResponse, bool]:
+        # body bytes that arrived between the head being parsed and the handler starting
+        # may have armed the timer: a request being served is never timed out here (and
+        # a stale timer must not fire into the idle keep-alive connection afterwards)
+        self._disarm()
+        return await super()._handle_request(request, start_time, request_handler)
 
     # errors ------------------------------------------------------------------------------------
     def handle_error(
