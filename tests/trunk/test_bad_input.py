@@ -181,9 +181,23 @@ def test_garbage_requests_do_not_hurt(cluster: LocalCluster, s3: Any, bucket: st
         b"GET / HTTP/9.9\r\n\r\n",
         b"GET /" + b"a" * 20000 + b" HTTP/1.1\r\n\r\n",
     ):
+        data = b""
         with socket.create_connection((host, int(port)), timeout=10) as sock:
-            sock.sendall(junk)
-            sock.shutdown(socket.SHUT_WR)
-            while sock.recv(65536):
-                pass
+            sock.sendall(junk)  # (no half-close: the server answers, then closes)
+            while chunk := sock.recv(65536):
+                data += chunk
+        # an S3 XML error, not aiohttp's plain-text page
+        head, _, body = data.partition(b"\r\n\r\n")
+        assert b" 400 " in head.split(b"\r\n")[0], data
+        assert b"content-type: application/xml" in head.lower(), data
+        code = error_code_of(body)
+        assert code in ("InvalidRequest", "RequestHeaderSectionTooLarge"), data
     still_fine(s3)
+
+
+def error_code_of(body: bytes) -> str:
+    import xml.etree.ElementTree as ET
+
+    root = ET.fromstring(body)
+    assert root.tag == "Error" and root.findtext("RequestId"), body
+    return str(root.findtext("Code"))
