@@ -32,6 +32,7 @@ from cohort.coord.etcd import (
     EtcdCoordinator,
     EtcdCredentials,
     parse_address,
+    prefix_end,
 )
 from cohort.etcd_server import EtcdCluster, etcd_available
 from cohort.pki import CertificateAuthority, client_context
@@ -373,3 +374,39 @@ def test_readiness_through_a_command_prefix() -> None:
         e.enable_auth("root", PASSWORD)
         assert e.member_healthy(0)  # authenticated through the child too
         assert e.leader_index() == 0
+
+
+async def test_a_user_limited_to_the_cohort_prefix(etcd_user: EtcdCluster, tmp_path: Path) -> None:
+    """The role docs/deploy.md asks for (readwrite on /cohort/, nothing else) is enough for
+    everything a member does: join, heartbeat, the primary's map, buckets, watch, leave."""
+    e = etcd_user
+    steps: list[tuple[str, dict[str, object]]] = [
+        ("/auth/role/add", {"name": "cohort"}),
+        ("/auth/role/grant", {"name": "cohort", "perm": {
+            "permType": "READWRITE", "key": b64("/cohort/"), "range_end": prefix_end("/cohort/")}}),
+        ("/auth/user/add", {"name": "cohort", "password": "member-pw"}),
+        ("/auth/user/grant", {"user": "cohort", "role": "cohort"}),
+    ]  # fmt: skip
+    for path, body in steps:
+        doc = e.probe(0, path, body, timeout=5.0)
+        assert doc is not None and "error" not in doc, (path, doc)
+    pw = password_file(tmp_path, "member-pw")
+    ns = "r" + uuid.uuid4().hex[:6]
+    c = EtcdCoordinator(
+        e.address(ns, partitions=4, lease_ttl=2) + f"&user=cohort&password_file={pw}"
+    )
+    try:
+        inc = (await c.join({"id": "s1", "role": "server", "address": "x:1"}))["incarnation"]
+        deadline = time.monotonic() + 10
+        while not c.is_primary or any(p[0] != "s1" for p in (await c.view())["partitions"]):
+            assert time.monotonic() < deadline, "the primary never assigned the partitions"
+            await c.heartbeat("s1", inc)
+            await asyncio.sleep(0.1)
+        assert await c.acquire_partition("s1", inc, 0) >= 1
+        await c.create_bucket("limited")
+        assert "limited" in [b["name"] for b in (await c.watch(-1, timeout=3.0))["buckets"]]
+        await c.leave("s1", inc)
+        with pytest.raises(EtcdAuthError, match="denied"):
+            await c.client.call("/kv/range", {"key": b64("/elsewhere")})
+    finally:
+        await c.close()
