@@ -597,7 +597,9 @@ def test_dashboard_login_is_throttled_per_address(cluster: LocalCluster) -> None
     # a burst of guesses: almost all are refused unanswered
     t0 = time.monotonic()
     answered = sum(_login(cluster, f"guess-{i}")[0] == 401 for i in range(40))
-    assert answered <= 2, answered  # at most the lock expiring during the burst
+    # only when a lock expires during the burst is a guess answered (locks of 1, 2, 4 s:
+    # a fourth answer would need a burst of over 7 s)
+    assert answered <= 3, answered
     assert time.monotonic() - t0 < 20
     # after Retry-After, the right secret gets in and clears the record
     status, headers, _ = _login(cluster, "wrong")
@@ -612,10 +614,13 @@ def test_dashboard_login_is_throttled_per_address(cluster: LocalCluster) -> None
 def test_dashboard_login_is_throttled_overall(cluster: LocalCluster) -> None:
     """Guesses spread over many client addresses are bounded too (30 in a burst)."""
     statuses = []
-    for i in range(2, 10):  # 8 addresses x 5 free failures = 40 > 30
+    t0 = time.monotonic()
+    for i in range(2, 14):  # 12 addresses x 5 free failures = 60 > 30
         for _ in range(5):
             statuses.append(_login(cluster, "wrong", source=f"127.0.0.{i}")[0])
-    assert statuses.count(401) <= 32, statuses  # the burst plus refill during the run
+    elapsed = time.monotonic() - t0
+    # the burst plus the refill (1/s) during the run
+    assert statuses.count(401) <= 30 + elapsed + 1, (statuses, elapsed)
     assert 429 in statuses
     status, headers, _ = _login(cluster, "wrong", source="127.0.0.77")  # a fresh address
     assert status == 429 and int(headers["retry-after"]) >= 1
