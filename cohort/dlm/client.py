@@ -91,8 +91,13 @@ class ClientService:
         lease_remaining: Callable[[], float] | None = None,
         max_locks: int = 1000,
         max_sessions: int = 64,
+        cluster_wide: Callable[[], bool] | None = None,
     ) -> None:
         self.agent = agent
+        # False while the agent is not part of the cluster's lock manager (no membership
+        # from the coordinator): a grant then would be local only and could conflict
+        # with another server's, so lock requests are refused instead
+        self.cluster_wide = cluster_wide
         self.session_timeout = session_timeout
         self.max_locks = max_locks
         self.max_sessions = max_sessions
@@ -152,6 +157,13 @@ class ClientService:
             raise RpcError("UsageError", "malformed lock request") from None
         s = self._session(sid)
         resource = self.resource_name(s.owner, name)
+        if self.cluster_wide is not None and not self.cluster_wide():
+            raise RpcError(
+                "LockManagerUnavailable",
+                "this server's lock agent is not (yet) part of a cluster-wide lock manager: "
+                "it has no membership from the coordinator (on etcd, cluster-wide locks "
+                "are not built yet); no lock was granted",
+            )
         if len(s.handles) + s.pending >= self.max_locks:
             raise RpcError(
                 "TooManyLocks",

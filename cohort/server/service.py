@@ -284,7 +284,10 @@ class Server:
         # programs that are not Cohort servers take cluster locks through any server
         # (cohort.dlm.client.DlmClient); the sessions belong to this incarnation
         self.dlm_clients = ClientService(
-            self.agent, self.rpc, lease_remaining=lambda: self.lease_deadline - time.monotonic()
+            self.agent,
+            self.rpc,
+            lease_remaining=lambda: self.lease_deadline - time.monotonic(),
+            cluster_wide=lambda: self._dlm_epoch >= 0,
         )
         self._dlm_epoch = -1
         early, self._early_dlm = self._early_dlm, []
