@@ -294,6 +294,7 @@ class EtcdClient:
     """
 
     RETRY_CODES = {4, 14}  # DEADLINE_EXCEEDED, UNAVAILABLE (no leader, request timed out)
+    AUTH_BACKOFF = 1.0
 
     def __init__(
         self,
@@ -311,7 +312,11 @@ class EtcdClient:
         self._session: aiohttp.ClientSession | None = None
         self._token: str | None = None  # None: not authenticated yet; "": auth is off
         self._token_lock: asyncio.Lock | None = None
+        # a refused password is not tried again for AUTH_BACKOFF seconds: every retry
+        # loop of a misconfigured process would otherwise make etcd run bcrypt 10x a second
+        self._auth_refused: tuple[float, EtcdAuthError] | None = None
         self.authentications = 0  # how many tokens this client obtained
+        self.auth_attempts = 0  # how many times it asked for one
 
     @classmethod
     def from_options(cls, endpoints: list[str], opts: dict[str, str]) -> EtcdClient:
@@ -349,9 +354,18 @@ class EtcdClient:
 
     async def _authenticate(self, timeout: float) -> str:
         c = self.credentials
+        if self._auth_refused is not None:
+            at, err = self._auth_refused
+            if time.monotonic() - at < self.AUTH_BACKOFF:
+                raise err
+            self._auth_refused = None
         body = {"name": c.user, "password": c.read_password()}
+        self.auth_attempts += 1
         try:
             doc = await self._call("/auth/authenticate", body, timeout, {})
+        except EtcdAuthError as e:
+            self._auth_refused = (time.monotonic(), e)
+            raise
         except EtcdError as e:
             if "authentication is not enabled" in e.etcd_message:
                 log.warning("etcd user %s configured but etcd has auth disabled", c.user)
@@ -365,7 +379,7 @@ class EtcdClient:
 
     def _token_refused(self, headers: dict[str, str]) -> None:
         """The token sent in ``headers`` was refused: the next request authenticates again."""
-        if headers.get("Authorization") == self._token:
+        if headers.get("Authorization", "") == self._token:
             self._token = None
 
     # -- requests --------------------------------------------------------------------------
@@ -403,7 +417,9 @@ class EtcdClient:
             try:
                 return await self._call(path, body, deadline - time.monotonic(), headers)
             except EtcdAuthError as e:
-                if not (e.token_expired and self.credentials.user and attempt < 2):
+                # an expired token; or etcd had auth off when we authenticated, and now on
+                stale = e.token_expired or (self._token == "" and not headers)
+                if not (stale and self.credentials.user and attempt < 2):
                     raise
                 self._token_refused(headers)
         raise AssertionError("unreachable")

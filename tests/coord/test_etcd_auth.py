@@ -280,6 +280,10 @@ async def test_wrong_or_missing_password_fails_clearly(
             await c.config()
         assert exc.value.code == "EtcdAuthFailed" and str(wrong) in str(exc.value)
         assert time.monotonic() - t0 < 2.0  # refused at once, not retried until a timeout
+        # a retry loop right after does not make etcd check the password again (bcrypt)
+        with pytest.raises(EtcdAuthError, match="wrong user name or password"):
+            await c.view()
+        assert c.client.auth_attempts == 1
     finally:
         await c.close()
     # the client certificate alone is not enough once etcd has user auth
@@ -321,7 +325,19 @@ async def test_password_auth_over_plain_http(tmp_path: Path) -> None:
     anonymous client writes nothing, the right user works."""
     with EtcdCluster(1, tls=False) as e:
         assert e.members[0].client_url.startswith("http://")
-        e.enable_auth("cohort", PASSWORD)
+        pw = password_file(tmp_path, PASSWORD)
+        early = EtcdCoordinator(
+            e.address("plain", partitions=4) + f"&user=cohort&password_file={pw}"
+        )
+        try:
+            # configured for a user before etcd has auth on: it works (with a warning)...
+            assert (await early.config())["partitions"] == 4
+            e.enable_auth("cohort", PASSWORD)
+            # ...and keeps working once it is on: the refusal makes it authenticate
+            await early.view()
+            assert early.client.authentications == 1
+        finally:
+            await early.close()
         m = e.members[0]
         req = urllib.request.Request(
             m.client_url + "/v3/kv/put", data=put_body("/anon"), method="POST"
@@ -330,7 +346,6 @@ async def test_password_auth_over_plain_http(tmp_path: Path) -> None:
             urllib.request.urlopen(req, timeout=3)
         assert b"user name is empty" in err.value.read()
         assert revision_and_value(e, "/anon")[1] is None
-        pw = password_file(tmp_path, PASSWORD)
         c = EtcdCoordinator(e.address("plain", partitions=4) + f"&user=cohort&password_file={pw}")
         try:
             assert (await c.config())["partitions"] == 4
