@@ -360,7 +360,7 @@ async def test_password_auth_over_plain_http(tmp_path: Path) -> None:
 
 
 def test_a_plain_data_directory_moves_to_tls(tmp_path: Path) -> None:
-    """A one-member etcd made before TLS (cohort up's) restarts with TLS and keeps its
+    """A one-member etcd made before TLS (LocalCluster's default) restarts with TLS and keeps its
     data; several members made without TLS are refused with what to do (their stored
     peer URLs are http://)."""
     e = EtcdCluster(1, base_dir=tmp_path / "one", tls=False).start()
