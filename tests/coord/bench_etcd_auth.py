@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import inspect
 import json
 import os
 import socket
@@ -134,12 +135,8 @@ def main() -> None:
     ap.add_argument("--loop", choices=["uvloop", "asyncio"], default="uvloop")
     args = ap.parse_args()
     kw: dict[str, Any] = {}
-    if args.mode == "plain":
-        try:
-            EtcdCluster(1, tls=False)  # type: ignore[call-arg]
-            kw["tls"] = False
-        except TypeError:
-            pass  # before TLS existed: plain is the only mode
+    if args.mode == "plain" and "tls" in inspect.signature(EtcdCluster).parameters:
+        kw["tls"] = False  # (before TLS existed, plain was the only mode)
     with EtcdCluster(1, **kw) as e:
         if args.mode == "token":
             pw = e.base_dir / "root.password"
