@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlencode
 
-from cohort.pki import CertificateAuthority, Issued, client_context, private_dir
+from cohort.pki import CertificateAuthority, Issued, client_context, private_dir, write_private
 
 ETCD_BINARY = os.environ.get("COHORT_ETCD_BINARY", "/usr/bin/etcd")
 
@@ -172,8 +172,9 @@ class EtcdCluster:
         if tls:
             self._make_pki()
         if not self._own_dir:
-            ports_file.write_text(json.dumps([[m.client_port, m.peer_port] for m in self.members]))
-            (self.base_dir / "token").write_text(json.dumps(self.token))
+            ports = [[m.client_port, m.peer_port] for m in self.members]
+            write_private(ports_file, json.dumps(ports).encode())
+            write_private(self.base_dir / "token", json.dumps(self.token).encode())
 
     # -- credentials ----------------------------------------------------------------------
     @property
@@ -306,13 +307,19 @@ class EtcdCluster:
         m = self.members[i]
         state = "existing" if (m.data_dir / "member").exists() else "new"
         m.log_path = self.base_dir / f"{m.name}.log"
-        m.popen = subprocess.Popen(
-            self._args(m, state),
-            stdin=subprocess.DEVNULL,
-            stdout=open(m.log_path, "ab"),  # noqa: SIM115 - owned by the child
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        # etcd's data and its log are private to the cluster's user, as Cohort's are
+        log_fd = os.open(m.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            m.popen = subprocess.Popen(
+                self._args(m, state),
+                stdin=subprocess.DEVNULL,
+                stdout=log_fd,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                umask=0o077,
+            )
+        finally:
+            os.close(log_fd)
 
     def start(self, timeout: float = 30.0) -> EtcdCluster:
         try:

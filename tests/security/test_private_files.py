@@ -6,6 +6,9 @@ import os
 import stat
 from pathlib import Path
 
+import pytest
+
+from cohort.etcd_server import etcd_available
 from tests.conftest import s3_client, start_cluster
 
 
@@ -22,10 +25,23 @@ def _exposed(root: Path) -> list[str]:
     return bad
 
 
-def test_data_logs_sqlite_and_secrets_are_private(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "coordinator",
+    [
+        "embedded",
+        pytest.param(
+            "etcd",
+            marks=[
+                pytest.mark.etcd,
+                pytest.mark.skipif(not etcd_available(), reason="etcd-server is not installed"),
+            ],
+        ),
+    ],
+)
+def test_data_logs_sqlite_and_secrets_are_private(tmp_path: Path, coordinator: str) -> None:
     old = os.umask(0o022)  # a typical login shell: the cluster must not depend on it
     try:
-        cluster = start_cluster(tmp_path / "data", servers=2)
+        cluster = start_cluster(tmp_path / "data", servers=2, coordinator=coordinator)
     finally:
         os.umask(old)
     try:
@@ -49,6 +65,10 @@ def test_data_logs_sqlite_and_secrets_are_private(tmp_path: Path) -> None:
     names = {p.name for p in root.rglob("*")}
     # the things the check is about are really there
     assert {"cluster.key", "master.key", "credentials.json", "cluster.json"} <= names
-    assert any(n.endswith(".sqlite") for n in names) and any(n.endswith(".log") for n in names)
+    assert any(n.endswith(".log") for n in names)
+    if coordinator == "embedded":
+        assert any(n.endswith(".sqlite") for n in names)
+    else:
+        assert any(n.endswith(".key") for n in (root / "etcd").rglob("*") for n in [n.name])
     assert _exposed(root) == []
     assert stat.S_IMODE(root.stat().st_mode) == 0o700
