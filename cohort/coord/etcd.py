@@ -717,6 +717,12 @@ def build_view(prefix: str, revision: int, kvs: dict[str, KV]) -> dict[str, Any]
         "lease_ttl": float(cfg.get("lease_ttl", DEFAULT_LEASE_TTL)),
         "members": members,
         "partitions": [[mp["owners"][p], mp["epochs"][p], holders[p]] for p in range(n)],
+        # the lock managers' membership, published by the primary with the map
+        **(
+            {"membership_epoch": mp["dlm"]["epoch"], "dlm_members": mp["dlm"]["members"]}
+            if mp.get("dlm")
+            else {}
+        ),
         "buckets": sorted(buckets, key=lambda b: b["name"]),
     }
 
@@ -1144,10 +1150,28 @@ class EtcdCoordinator:
         new_owners = [p.owner for p in state.partitions]
         new_epochs = [p.epoch for p in state.partitions]
         new_incs = [live[o]["incarnation"] if o is not None else None for o in new_owners]
-        if mapkv is not None and new_owners == mp["owners"] and new_epochs == mp["epochs"]:
+        # The lock managers' membership: its epoch changes exactly when the set of live
+        # servers does, and travels in the same document, so every agent agrees.  A new
+        # member's agent ignores the epochs published before it (cohort.dlm.agent).
+        old_dlm: dict[str, Any] = mp.get("dlm") or {"epoch": 0, "members": {}}
+        dlm_members = {
+            f"{r['id']}~{r['incarnation']}": r["address"]
+            for r in live.values()
+            if r["role"] == "server" and r.get("state", "alive") in ("alive", "draining")
+        }
+        dlm = old_dlm
+        if dlm_members != old_dlm.get("members"):
+            dlm = {"epoch": int(old_dlm.get("epoch", 0)) + 1, "members": dlm_members}
+        if (
+            mapkv is not None
+            and new_owners == mp["owners"]
+            and new_epochs == mp["epochs"]
+            and dlm is old_dlm
+        ):
             return False
         moved = sum(1 for p in range(n) if new_owners[p] != mp["owners"][p])
-        ops = [_put(self.k("map"), {"owners": new_owners, "epochs": new_epochs, "incs": new_incs})]
+        doc = {"owners": new_owners, "epochs": new_epochs, "incs": new_incs, "dlm": dlm}
+        ops = [_put(self.k("map"), doc)]
         for d in sorted(dead):
             ops.append(self._event_put("member-dead", f"{d} (lease expired or restarted)"))
         if moved:

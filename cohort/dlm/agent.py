@@ -301,6 +301,7 @@ class LockAgent:
         self.table = LockTable(0)
         self.fenced = False
         self._was_removed = False
+        self._admitted = False  # named in a membership yet (set_membership)
         self._lids = itertools.count(1)
         self.handles: dict[int, Handle] = {}
         # root -> master node (known masters, including this node for its own roots)
@@ -367,6 +368,13 @@ class LockAgent:
         Epochs must increase; older or equal ones are ignored."""
         if epoch <= self.epoch:
             return
+        if self.node_id not in members and not self._admitted:
+            # a membership from before we joined (a coordinator may publish the new
+            # member list a moment after our join): we were never in the cluster, so
+            # this is "not yet", not "removed"; wait for the epoch that names us
+            return
+        if self.node_id in members:
+            self._admitted = True
         if self.node_id not in members:
             self._fence("removed from the cluster")
             self._was_removed = True
@@ -390,6 +398,11 @@ class LockAgent:
         self.table.epoch = epoch
         dead = old - set(members)
         self._recover(dead)
+
+    @property
+    def in_cluster(self) -> bool:
+        """Named in the current membership and not fenced: grants are cluster-wide."""
+        return self._admitted and not self.fenced and self.node_id in self.members
 
     def lease_lost(self) -> None:
         """The membership lease could not be renewed: stop granting and tell every

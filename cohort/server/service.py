@@ -280,14 +280,15 @@ class Server:
             self.agent.close()  # every lock of the old incarnation is lost (and told so)
         self.dlm_locks.clear()
         self.dlm_transport = TcpTransport(self.rpc, ClientPool(self.credential), own_pool=True)
-        self.agent = LockAgent(self.dlm_node, self.dlm_transport, lease_valid=self.lease_valid)
+        agent = LockAgent(self.dlm_node, self.dlm_transport, lease_valid=self.lease_valid)
+        self.agent = agent
         # programs that are not Cohort servers take cluster locks through any server
         # (cohort.dlm.client.DlmClient); the sessions belong to this incarnation
         self.dlm_clients = ClientService(
-            self.agent,
+            agent,
             self.rpc,
             lease_remaining=lambda: self.lease_deadline - time.monotonic(),
-            cluster_wide=lambda: self._dlm_epoch >= 0,
+            cluster_wide=lambda: agent.in_cluster,
         )
         self._dlm_epoch = -1
         early, self._early_dlm = self._early_dlm, []
@@ -472,6 +473,10 @@ class Server:
             for m in view["members"]
             if m["role"] == "server" and m["state"] in ("alive", "draining")
         }
+        if self.dlm_node not in members and self._dlm_epoch < 0:
+            # published before our join reached the member list (etcd's primary adds
+            # us a moment later): not a membership of ours yet
+            return
         self._dlm_epoch = epoch
         self.agent.set_membership(int(epoch), members)
 
