@@ -14,8 +14,10 @@ A server
   ``Recovering``) for the rest, which makes directors re-route.
 
 Object bodies are written to shared storage by the directors (immutable blobs under fresh
-names) before the metadata record that references them is committed here; replaced blobs
-are deleted after a grace period so in-flight reads of the old version can finish.
+names) before the metadata record that references them is committed here.  Replaced blobs
+are deleted by each partition's reclaimer once no reader can need them: after the grace
+period that covers reads without a lease, and never while a director's reader lease on
+them (``obj.lease``) lasts (see :class:`cohort.server.host.BlobReclaimer`).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import os
 import signal
 import time
 from collections import deque
-from collections.abc import Awaitable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 import msgspec
@@ -48,14 +50,13 @@ from cohort.oplog.log import PartitionLog
 from cohort.partitioning import partition_of
 from cohort.rpc import ClientPool, RpcClient, RpcError, RpcServer
 from cohort.server.host import NotServing, PartitionHost
-from cohort.server.state import ObjectMeta, PartitionState, Upload, meta_to_wire
+from cohort.server.state import ObjectMeta, PartitionState, Upload, blob_grace, meta_to_wire
 from cohort.storage.base import Store
 from cohort.storage.local import LocalStore
 
 log = logging.getLogger("cohort.server")
 
 LEASE_MARGIN = 0.4  # seconds before the coordinator could expire us that we stop serving
-BLOB_GRACE = 30.0  # seconds a replaced blob stays readable
 UPLOAD_EXPIRY = 7 * 86400.0  # multipart uploads older than this are aborted
 ORPHAN_AGE = 3600.0  # unreferenced blobs seen for this long are deleted
 
@@ -229,6 +230,8 @@ class Server:
 
     # -- lifecycle -------------------------------------------------------------------------
     async def start(self) -> str:
+        # reader leases on blobs (directors streaming long reads; see BlobReclaimer)
+        self.rpc.register("obj.lease", self.metrics.instrument("obj.lease", self.rpc_obj_lease))
         port = await self.rpc.start(*self.bind)
         self.listen_address = f"{self.bind[0]}:{port}"
         self.address = self.advertise or self.listen_address
@@ -750,7 +753,13 @@ class Server:
                         return
                     await asyncio.sleep(0.05 if e.code == "Busy" else 0.2)
             host = PartitionHost(
-                self.store, p, self.id, token, self._queue_freed, lease_valid=self.lease_valid
+                self.store,
+                p,
+                self.id,
+                token,
+                self._count_freed,
+                lease_valid=self.lease_valid,
+                grace=self.blob_grace(),
             )
             host.make_exclusive = lambda p=p, host=host: self._make_exclusive(p, host)
             self.hosts[p] = host
@@ -786,9 +795,32 @@ class Server:
                 self._start_release(p, graceful=False)
 
     # -- blob garbage --------------------------------------------------------------------------
-    def _queue_freed(self, keys: list[str]) -> None:
+    # Each partition's host reclaims the blobs its records free (host.reclaim): the queue
+    # and the readers' leases move with the partition, so a former owner never deletes a
+    # blob that a reader now renews its lease on at the new owner.
+    blobs_freed = 0
+    blobs_deleted = 0
+
+    def blob_grace(self) -> float:
+        """How long a freed blob stays readable without a lease: ``COHORT_BLOB_GRACE``,
+        but never longer than the orphan age (a blob unreferenced for that long is
+        garbage whatever its history; a short orphan age is for tests)."""
+        return min(blob_grace(), self.orphan_age)
+
+    def _count_freed(self, keys: list[str]) -> None:
+        self.blobs_freed += len(keys)
+
+    async def _reclaim_blobs(self) -> int:
+        """Delete the blobs that every served partition's reclaimer says are due."""
+        deleted = 0
         now = time.monotonic()
-        self._freed.extend((now, k) for k in keys)
+        for h in list(self.hosts.values()):
+            for key in h.reclaim.due(now):
+                with contextlib.suppress(Exception):
+                    await self.store.delete(key)
+                    deleted += 1
+        self.blobs_deleted += deleted
+        return deleted
 
     # The background cleaner (see clean_once); servers set these from the command line.
     upload_expiry: float = UPLOAD_EXPIRY
@@ -803,11 +835,10 @@ class Server:
         while True:
             await asyncio.sleep(1.0)
             self._expire_replicas()
-            cutoff = time.monotonic() - BLOB_GRACE
-            while self._freed and self._freed[0][0] < cutoff:
-                _, key = self._freed.popleft()
-                with contextlib.suppress(Exception):
-                    await self.store.delete(key)
+            try:
+                await self._reclaim_blobs()
+            except Exception:
+                log.exception("blob reclamation failed; retrying later")
             if time.monotonic() >= next_clean:
                 try:
                     await self.clean_once(orphans)
@@ -827,6 +858,9 @@ class Server:
           first seen unreferenced) and deleted once it has stayed unreferenced for
           ``orphan_age`` seconds.  Blobs appear only complete (temp file, then rename)
           and their commit follows at once, so the age only has to cover a slow commit.
+          A blob the partition's reclaimer is busy with (queued after a record freed it,
+          leased by a reader, or any blob in a new owner's first grace period) is left
+          to it.
         """
         expired = 0
         swept = 0
@@ -876,7 +910,7 @@ class Server:
                 del seen[k]
             for k in unused:
                 first = seen.setdefault(k, now)
-                if now - first >= self.orphan_age:
+                if now - first >= self.orphan_age and not h.reclaim.busy(k, now):
                     with contextlib.suppress(Exception):
                         await self.store.delete(k)
                         swept += 1
@@ -913,9 +947,14 @@ class Server:
     def _partition(self, params: dict[str, Any]) -> int:
         return partition_of(params["b"], params["k"], self.partition_count)
 
-    async def _commit(self, h: PartitionHost, rec: dict[str, Any]) -> None:
+    async def _commit(
+        self, h: PartitionHost, rec: dict[str, Any], prepare: Callable[[], None] | None = None
+    ) -> bool:
+        """Commit ``rec`` at ``h``; ``prepare`` checks the request against the partition as
+        the record will find it (see :meth:`PartitionHost.commit`).  False: ``rec`` was a
+        retry of a request already committed."""
         try:
-            await h.commit(rec)
+            return await h.commit(rec, prepare)
         except NotServing as e:
             raise RpcError("NotOwner", str(e)) from None
 
@@ -926,8 +965,12 @@ class Server:
         m = params["m"]
         h.bytes_written += int(m[0]) if isinstance(m, list) and m else 0  # array-like: size
         cond = params.get("cond")
-        if cond and not h.state.seen(params.get("rid")):
-            check_condition(h.current(params["b"], params["k"]), cond)
+        prepare = None
+        if cond:
+            # checked after any conversion back to EX, atomically with the enqueue
+            def prepare() -> None:
+                check_condition(h.current(params["b"], params["k"]), cond)
+
         await self._commit(
             h,
             {
@@ -937,6 +980,7 @@ class Server:
                 "m": params["m"],
                 "rid": params.get("rid"),
             },
+            prepare,
         )
         return {"epoch": h.epoch}
 
@@ -964,12 +1008,30 @@ class Server:
         self.requests += 1
         h = self._host_for(self._partition(params))
         h.ops += 1
-        existed = h.state.get(params["b"], params["k"]) is not None
+        # as queued records leave it (a DELETE after a queued PUT must follow it)
+        existed = h.current(params["b"], params["k"]) is not None
         if existed:
             await self._commit(
                 h, {"op": "del", "b": params["b"], "k": params["k"], "rid": params.get("rid")}
             )
         return {"existed": existed}
+
+    async def rpc_obj_lease(self, params: dict[str, Any]) -> dict[str, Any]:
+        """A director's reader lease on blobs it is reading (``blobs``, all in the
+        partition of ``b``/``k``) for ``s`` seconds: none of them is deleted before the
+        lease ends, even if the object was replaced or deleted meanwhile.  The reply's
+        ``s`` is what was granted (at most the grace period; the director renews every
+        third of it, and aborts its read if it cannot renew in time)."""
+        p = self._partition(params)
+        h = self._host_for(p)
+        prefix = f"blobs/{p:04d}/"
+        blobs = [str(b) for b in params.get("blobs", [])]
+        if any(not b.startswith(prefix) for b in blobs):
+            raise RpcError("InvalidArgument", f"a lease names blobs of partition {p} only")
+        granted = h.reclaim.lease(blobs, float(params.get("s", 0.0)))
+        if not self.lease_valid():  # never promise anything for a partition we may have lost
+            raise RpcError("NotOwner", "lease expired")
+        return {"s": granted, "grace": h.reclaim.grace}
 
     async def rpc_obj_set_acl(self, params: dict[str, Any]) -> dict[str, Any]:
         """PutObjectAcl: rewrite the object's canned ACL through the log (an ``acl`` record
@@ -977,8 +1039,11 @@ class Server:
         self.requests += 1
         h = self._host_for(self._partition(params))
         h.ops += 1
-        if h.state.get(params["b"], params["k"]) is None and not h.state.seen(params.get("rid")):
-            raise RpcError("NoSuchKey", "The specified key does not exist.")
+
+        def prepare() -> None:
+            if h.current(params["b"], params["k"]) is None:
+                raise RpcError("NoSuchKey", "The specified key does not exist.")
+
         await self._commit(
             h,
             {
@@ -988,6 +1053,7 @@ class Server:
                 "acl": params.get("acl"),
                 "rid": params.get("rid"),
             },
+            prepare,
         )
         return {}
 
@@ -1034,7 +1100,7 @@ class Server:
             p = partition_of(params["b"], key, self.partition_count)
             by_part.setdefault(p, []).append({"op": "put", "b": params["b"], "k": key, "m": meta})
         not_owned: list[str] = []
-        waits: list[Awaitable[None]] = []
+        waits: list[Awaitable[Any]] = []
         for p, recs in by_part.items():
             try:
                 h = self._host_for(p)
@@ -1060,7 +1126,7 @@ class Server:
         tombstone, so a PUT that raced with the deletion is discarded when it commits."""
         dropped = 0
         not_owned: list[int] = []
-        waits: list[Awaitable[None]] = []
+        waits: list[Awaitable[Any]] = []
         t = time.time()
         hosts, owned_not = self._owned(params["parts"])
         not_owned.extend(owned_not)
@@ -1071,11 +1137,25 @@ class Server:
         return {"dropped": dropped, "not_owned": not_owned}
 
     # -- multipart uploads -------------------------------------------------------------------
-    def _upload(self, h: PartitionHost, params: dict[str, Any]) -> Upload:
-        up = h.state.upload(params["b"], params["u"])
+    def _upload(self, h: PartitionHost, params: dict[str, Any], *, queued: bool = False) -> Upload:
+        """The upload ``params`` names (as committed; ``queued``: as every queued record
+        will leave it, for checks made in a commit's ``prepare``)."""
+        if queued:
+            up = h.upload(params["b"], params["u"])
+        else:
+            up = h.state.upload(params["b"], params["u"])
         if up is None or up.key != params["k"]:
             raise RpcError("NoSuchUpload", "The specified upload does not exist.")
         return up
+
+    def _upload_exists(self, h: PartitionHost, params: dict[str, Any]) -> Callable[[], None]:
+        """A commit's ``prepare``: NoSuchUpload unless the upload survives every queued
+        record."""
+
+        def check() -> None:
+            self._upload(h, params, queued=True)
+
+        return check
 
     async def rpc_mpu_create(self, params: dict[str, Any]) -> dict[str, Any]:
         h = self._host_for(self._partition(params))
@@ -1094,46 +1174,55 @@ class Server:
         return {}
 
     async def rpc_mpu_part(self, params: dict[str, Any]) -> dict[str, Any]:
+        """A part (a new blob) of an upload that must still exist when its record is
+        queued: a part for an upload whose completion or abort is queued (or done) is
+        refused with NoSuchUpload, so the director deletes its blob at once."""
         h = self._host_for(self._partition(params))
-        if not h.state.seen(params.get("rid")):
-            self._upload(h, params)
         await self._commit(
             h,
             {
                 "op": "mpu_part",
                 "b": params["b"],
+                "k": params["k"],
                 "u": params["u"],
                 "n": int(params["n"]),
                 "p": params["p"],
                 "rid": params.get("rid"),
             },
+            self._upload_exists(h, params),
         )
         return {}
 
     async def rpc_mpu_complete(self, params: dict[str, Any]) -> dict[str, Any]:
+        """The object is built from the parts as every queued part record leaves them
+        (a re-upload of a part still being committed is the part it uses), in the same
+        synchronous step that queues the completion, so no part record can land between
+        the two and free a blob the object uses."""
         h = self._host_for(self._partition(params))
-        if h.state.seen(params.get("rid")):
-            m = h.state.get(params["b"], params["k"])
+        rec: dict[str, Any] = {
+            "op": "mpu_complete",
+            "b": params["b"],
+            "k": params["k"],
+            "u": params["u"],
+            "rid": params.get("rid"),
+        }
+        listed = [(int(n), str(e)) for n, e in params["parts"]]
+
+        def prepare() -> None:
+            rec["m"] = meta_to_wire(complete_upload(self._upload(h, params, queued=True), listed))
+
+        if not await self._commit(h, rec, prepare):
+            m = h.state.get(params["b"], params["k"])  # a retry of a completion that committed
             return {"m": None if m is None else meta_to_wire(m)}
-        up = self._upload(h, params)
-        meta = complete_upload(up, [(int(n), str(e)) for n, e in params["parts"]])
-        await self._commit(
-            h,
-            {
-                "op": "mpu_complete",
-                "b": params["b"],
-                "k": params["k"],
-                "u": params["u"],
-                "m": meta_to_wire(meta),
-                "rid": params.get("rid"),
-            },
-        )
-        return {"m": meta_to_wire(meta)}
+        return {"m": rec["m"]}
 
     async def rpc_mpu_abort(self, params: dict[str, Any]) -> dict[str, Any]:
         h = self._host_for(self._partition(params))
-        self._upload(h, params)
-        await self._commit(h, {"op": "mpu_abort", "b": params["b"], "u": params["u"]})
+        await self._commit(
+            h,
+            {"op": "mpu_abort", "b": params["b"], "u": params["u"]},
+            self._upload_exists(h, params),
+        )
         return {}
 
     async def rpc_mpu_get(self, params: dict[str, Any]) -> dict[str, Any]:
@@ -1179,6 +1268,12 @@ class Server:
             "epochs": {str(p): h.epoch for p, h in self.hosts.items()},
             "objects": sum(h.state.object_count() for h in self.hosts.values()),
             "requests": self.requests,
+            "blobs": {
+                "freed": self.blobs_freed,
+                "deleted": self.blobs_deleted,
+                "queued": sum(h.reclaim.pending() for h in self.hosts.values()),
+                "leased": sum(h.reclaim.leased() for h in self.hosts.values()),
+            },
         }
 
 

@@ -11,18 +11,23 @@ Records (msgpack maps)::
     {"op": "del", "b": bucket_id, "k": key, "rid": request_id}
     {"op": "drop", "b": bucket_id, "t": time}  # bucket deleted: forget its keys
     {"op": "mpu_create", "b", "k", "u": upload_id, "m": ObjectMeta template, "t": time}
-    {"op": "mpu_part", "b", "u", "n": part_number, "p": Part}
+    {"op": "mpu_part", "b", "k", "u", "n": part_number, "p": Part}  # "k": since issue 12
     {"op": "mpu_complete", "b", "k", "u", "m": final ObjectMeta}   # uses the listed parts
     {"op": "mpu_abort", "b", "u"}
     {"op": "acl", "b", "k", "acl": canned ACL or None, "rid"}  # rewrite the object's ACL
 
 ``rid`` makes a retried request idempotent: a record whose ``rid`` was already applied is
 skipped (see :meth:`PartitionState.seen`).
+
+Blobs are immutable and never reused, so a blob that ``apply`` returns as freed is garbage
+for good; the owner deletes it only once no reader can still need it (see
+:class:`cohort.server.host.BlobReclaimer` and :func:`blob_grace`).
 """
 
 from __future__ import annotations
 
 import itertools
+import os
 from collections import OrderedDict
 from collections.abc import Iterator
 from typing import Any
@@ -34,6 +39,23 @@ RID_MEMORY = 50_000
 # how long a partition remembers a dropped bucket id, so a PUT that was in flight while
 # its bucket was deleted is discarded (with its blob) when its record arrives
 DROP_MEMORY = 86_400.0
+
+
+DEFAULT_BLOB_GRACE = 30.0
+
+
+def blob_grace() -> float:
+    """Seconds a blob freed by a record stays readable at least (env ``COHORT_BLOB_GRACE``,
+    default 30).  Servers delete no freed blob sooner, nor while a reader holds a lease on
+    it; a director finishes every read that holds no lease within half this time of its
+    metadata lookup, and leases anything longer.  Directors and servers must agree on it
+    (a director that believes it longer risks failed reads, never wrong data: blob names
+    are never reused)."""
+    try:
+        v = float(os.environ.get("COHORT_BLOB_GRACE", DEFAULT_BLOB_GRACE))
+    except ValueError:
+        return DEFAULT_BLOB_GRACE
+    return v if v > 0 else DEFAULT_BLOB_GRACE
 
 
 class ObjectMeta(msgspec.Struct, array_like=True, gc=False):
@@ -68,6 +90,14 @@ class Upload(msgspec.Struct, gc=False):
     initiated: float
     meta: ObjectMeta  # template: content type, user metadata, headers, checksum algorithm
     parts: dict[int, Part] = {}
+
+
+def with_acl(meta: ObjectMeta, acl: str | None) -> ObjectMeta:
+    """``meta`` with its canned ACL replaced (private or None: no header)."""
+    headers = {k: v for k, v in meta.headers.items() if k != "x-amz-acl"}
+    if acl not in (None, "private"):
+        headers["x-amz-acl"] = str(acl)
+    return msgspec.structs.replace(meta, headers=headers)
 
 
 _meta_dec = msgspec.msgpack.Decoder(ObjectMeta)
@@ -160,10 +190,7 @@ class PartitionState:
             objs = self.buckets.get(rec["b"])
             cur = None if objs is None else objs.get(rec["k"])
             if objs is not None and cur is not None:
-                headers = {k: v for k, v in cur.headers.items() if k != "x-amz-acl"}
-                if rec.get("acl") not in (None, "private"):
-                    headers["x-amz-acl"] = rec["acl"]
-                objs[rec["k"]] = msgspec.structs.replace(cur, headers=headers)
+                objs[rec["k"]] = with_acl(cur, rec.get("acl"))
         elif op == "mpu_create":
             if rec["b"] in self.dropped:
                 return freed  # the bucket was deleted meanwhile: no such upload
@@ -174,8 +201,11 @@ class PartitionState:
             up = self.uploads.get(rec["b"], {}).get(rec["u"])
             part = msgspec.convert(rec["p"], Part)
             if up is None:
-                if part.blob:
-                    freed.append(part.blob)  # upload gone meanwhile: the part is garbage
+                # The upload is gone (completed or aborted) before this part landed: the
+                # part is garbage, unless (a record written before the owner checked
+                # parts against queued records) the completed object uses its blob.
+                if part.blob and part.blob not in self._object_blobs(rec["b"], rec.get("k")):
+                    freed.append(part.blob)
                 return freed
             old_part = up.parts.get(int(rec["n"]))
             up.parts[int(rec["n"])] = part
@@ -188,6 +218,12 @@ class PartitionState:
         else:
             raise ValueError(f"unknown log record op {op!r}")
         return freed
+
+    def _object_blobs(self, bucket_id: str, key: str | None) -> list[str]:
+        if key is None:
+            return []
+        m = self.get(bucket_id, key)
+        return [] if m is None else m.blobs()
 
     # -- queries ---------------------------------------------------------------------------
     def get(self, bucket_id: str, key: str) -> ObjectMeta | None:
