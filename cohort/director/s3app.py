@@ -794,8 +794,11 @@ class S3App:
         return h
 
     async def get_object(self, request: web.Request, bucket: str, key: str) -> web.StreamResponse:
+        from cohort.director.reads import BlobLease, ReadExpired, blobs_in_range, owner_lease
+
         names.validate_key(key)
-        _, _, meta = await self._lookup(bucket, key, request)
+        looked_up = time.monotonic()  # the body may be freed any time after this lookup
+        bid, p, meta = await self._lookup(bucket, key, request)
         if (
             request["tenant"] is None
             and meta.headers.get("x-amz-acl") != "public-read"
@@ -843,19 +846,66 @@ class S3App:
             return web.Response(status=status, headers=headers)
         if length == 0 or not meta.blobs():
             return web.Response(status=status, headers=headers, body=b"")
-        body = self.read_body(meta, start, length)
         if length <= SMALL_OBJECT:
+            # read whole before the response starts, within the window a read without a
+            # lease has (half the blob grace period after the lookup)
+            window = BlobLease(meta.blobs(), None, started=looked_up)
             try:
-                data = b"".join([c async for c in body])
+                data = b"".join([c async for c in self.read_body(meta, start, length, window)])
             except NotFound:
                 raise S3Error("NoSuchKey", resource=f"/{bucket}/{key}") from None
+            except ReadExpired:
+                raise S3Error("SlowDown", "Reading the object took too long.") from None
             return web.Response(status=status, headers=headers, body=data)
+        # Streamed: lease the blobs from the owner for as long as the client reads (up
+        # to the maximum read duration).  Once the headers are out, any failure must
+        # break the connection: a second response would land inside this one's body.
+        transport = request.transport
+
+        def abort() -> None:
+            if transport is not None and not transport.is_closing():
+                transport.abort()
+
+        lease = BlobLease(
+            blobs_in_range(meta, start, length),
+            owner_lease(self.router, p, bid, key),
+            started=looked_up,
+            on_expired=abort,
+        )
         resp = web.StreamResponse(status=status, headers=headers)
         resp.content_length = length
-        await resp.prepare(request)
-        async for data in body:
-            await resp.write(data)
-        await resp.write_eof()
+        lease.start()
+        sent = 0
+        try:
+            await resp.prepare(request)
+            body = self.read_body(meta, start, length, lease)
+            try:
+                async for data in body:
+                    await resp.write(data)
+                    sent += len(data)
+            finally:
+                close = getattr(body, "aclose", None)  # an async generator: release it now
+                if close is not None:
+                    await close()
+            await resp.write_eof()
+        except asyncio.CancelledError:
+            abort()
+            raise
+        except Exception as e:
+            abort()
+            level = logging.INFO if isinstance(e, ConnectionError) else logging.WARNING
+            log.log(
+                level,
+                "GET /%s/%s aborted after %d of %d body bytes: %s: %s",
+                bucket,
+                key,
+                sent,
+                length,
+                type(e).__name__,
+                e,
+            )
+        finally:
+            await lease.close()
         return resp
 
     @staticmethod
@@ -875,9 +925,15 @@ class S3App:
             offset += size
         return offset, offset - 1  # an empty last part
 
-    async def read_body(self, meta: ObjectMeta, start: int, length: int) -> AsyncIterator[bytes]:
+    async def read_body(
+        self, meta: ObjectMeta, start: int, length: int, lease: Any = None
+    ) -> AsyncIterator[bytes]:
         """``length`` bytes of an object's body from offset ``start`` (across the segments
-        of a multipart object), in chunks of at most READ_CHUNK."""
+        of a multipart object), in chunks of at most READ_CHUNK.
+
+        ``lease`` (a :class:`cohort.director.reads.BlobLease`) is checked before every
+        storage read: past its deadline the blobs may be gone, and it raises
+        ``ReadExpired`` rather than read on."""
         segments = [(meta.blob, meta.size)] if meta.blob else list(meta.segments)
         offset = 0
         remaining = length
@@ -890,6 +946,8 @@ class S3App:
             pos = max(0, start - offset)
             while pos < size and remaining > 0:
                 n = min(READ_CHUNK, size - pos, remaining)
+                if lease is not None:
+                    lease.check()
                 data = await self.store.read_range(blob, pos, n)
                 if not data:
                     raise S3Error("InternalError", "object body shorter than its metadata says")
@@ -944,7 +1002,8 @@ class S3App:
                 "InvalidArgument",
                 "Copy Source must mention the source bucket and key: sourcebucket/sourcekey",
             )
-        _, _, smeta = await self._lookup(src_bucket, src_key, request)
+        looked_up = time.monotonic()
+        src_bid, src_p, smeta = await self._lookup(src_bucket, src_key, request)
         copy_conditions = {
             h[len("x-amz-copy-source-") :]: v
             for h, v in request.headers.items()
@@ -965,11 +1024,26 @@ class S3App:
         blob_id = new_id()
         new_blob: str | None = None
         if smeta.blobs() and smeta.size:
+            from cohort.director.reads import BlobLease, ReadExpired, owner_lease
+
             new_blob = blob_key(p, blob_id)
+            # the source may be replaced while it is copied: lease its blobs
+            lease = BlobLease(
+                smeta.blobs(),
+                owner_lease(self.router, src_p, src_bid, src_key)
+                if smeta.size > SMALL_OBJECT
+                else None,
+                started=looked_up,
+            )
             try:
-                await self.store.put_stream(new_blob, self.read_body(smeta, 0, smeta.size))
+                async with lease:
+                    await self.store.put_stream(
+                        new_blob, self.read_body(smeta, 0, smeta.size, lease)
+                    )
             except NotFound:
                 raise S3Error("NoSuchKey", resource=src) from None
+            except ReadExpired:
+                raise S3Error("SlowDown", "Reading the copy source took too long.") from None
         if directive == "REPLACE":
             meta = self._meta_from_headers(
                 request, smeta.size, smeta.etag, new_blob, smeta.checksums
@@ -1023,20 +1097,38 @@ class S3App:
         copy = "x-amz-copy-source" in request.headers
         checksums: dict[str, str] = {}
         if copy:
+            from cohort.director.reads import BlobLease, ReadExpired, blobs_in_range, owner_lease
+
             src_bucket, src_key, _ = names.parse_copy_source(request.headers["x-amz-copy-source"])
-            _, _, smeta = await self._lookup(src_bucket, src_key, request)
+            looked_up = time.monotonic()
+            src_bid, src_p, smeta = await self._lookup(src_bucket, src_key, request)
             rng = request.headers.get("x-amz-copy-source-range")
             start, end = (
                 names.parse_copy_source_range(rng, smeta.size) if rng else (0, smeta.size - 1)
             )
             md5 = hashlib.md5()
+            n_copy = end - start + 1
+            # the source may be replaced while it is copied: lease its blobs
+            lease = BlobLease(
+                blobs_in_range(smeta, start, n_copy),
+                owner_lease(self.router, src_p, src_bid, src_key)
+                if n_copy > SMALL_OBJECT
+                else None,
+                started=looked_up,
+            )
 
             async def copied() -> AsyncIterator[bytes]:
-                async for chunk in self.read_body(smeta, start, end - start + 1):
+                async for chunk in self.read_body(smeta, start, n_copy, lease):
                     md5.update(chunk)
                     yield chunk
 
-            size = await self.store.put_stream(bkey, copied())
+            try:
+                async with lease:
+                    size = await self.store.put_stream(bkey, copied())
+            except NotFound:
+                raise S3Error("NoSuchKey", resource=src_key) from None
+            except ReadExpired:
+                raise S3Error("SlowDown", "Reading the copy source took too long.") from None
             etag = md5.hexdigest()
         else:
             sink: list[Any] = []
