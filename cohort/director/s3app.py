@@ -58,6 +58,8 @@ MAX_XML_BODY = 8 * 1024**2
 # the request header checks done before the body is read (EntityTooLarge, metadata)
 _BODY_OPS = frozenset({"PutObject", "UploadPart"})
 _CREATING_OPS = frozenset({"PutObject", "CopyObject", "CreateMultipartUpload"})
+# request headers of server-side encryption (refused until it is built)
+_SSE_HEADERS = ("x-amz-server-side-encryption", "x-amz-copy-source-server-side-encryption")
 # operations an anonymous (unsigned) request may attempt; ACLs then decide
 ANONYMOUS_OPS = {"GetObject", "HeadObject", "ListObjects", "ListObjectsV2", "HeadBucket"}
 CANNED_ACLS = {"private", "public-read"}
@@ -239,7 +241,18 @@ class S3App:
     def check_request_headers(request: web.Request, op: str, key: str) -> None:
         """The limits that headers alone decide, checked before any of the body is read:
         a PUT or part over 5 GiB (EntityTooLarge), user metadata over 2 KB
-        (MetadataTooLarge), NUL / CR / LF in a key being created (InvalidArgument)."""
+        (MetadataTooLarge), NUL / CR / LF in a key being created (InvalidArgument), and
+        server-side encryption, which is not built: refused (NotImplemented) rather than
+        stored in plaintext while the client believes it encrypted."""
+        for name in request.headers:
+            lname = name.lower()
+            if lname.startswith(_SSE_HEADERS):
+                raise S3Error(
+                    "NotImplemented",
+                    "Server-side encryption (SSE-S3, SSE-KMS, SSE-C) is not implemented by "
+                    f"Cohort yet, so nothing was done (header {name}). Send the request "
+                    "without x-amz-server-side-encryption headers, or encrypt on the client.",
+                )
         if op in _BODY_OPS:
             auth: AuthResult | None = request.get("auth")
             names.check_upload_size(
