@@ -198,6 +198,8 @@ class PartitionHost:
         # DLM's blocking notifications make every replica drop its copy before that.
         self.shared = False
         self.make_exclusive: Callable[[], Awaitable[None]] | None = None
+        # a read replica asked to share while we could not (writes, or converting to EX)
+        self.share_wanted = False
         self.last_write = 0.0
 
     @property

@@ -533,11 +533,17 @@ class Server:
         if self.view["partitions"][p][0] != self.id:
             # Someone wants partition p and the map agrees it is no longer ours: hand over.
             self._start_release(p, graceful=True)
-        elif mode in (Mode.PR, Mode.CR) and not h.shared and h.serving:
+        elif mode in (Mode.PR, Mode.CR) and h.serving:
             # A read replica wants to share the partition: go down to PR once nobody has
             # written for WRITE_QUIET seconds.  (The DLM notifies a holder once per grant,
-            # so the wait for quiet happens here, not by waiting for another notification.)
-            self._spawn(self._share(p, h))
+            # so the wait for quiet happens here, not by waiting for another notification,
+            # and a notification that cannot be acted on now is remembered.)
+            if h.shared:
+                # converting back to EX for a write (shared, we would not be told about
+                # PR): share again after it, or the partition never would be
+                h.share_wanted = True
+            else:
+                self._spawn(self._share(p, h))
 
     def _conv_lock(self, p: int) -> asyncio.Lock:
         lock = self._conv_locks.get(p)
@@ -546,15 +552,26 @@ class Server:
         return lock
 
     async def _share(self, p: int, h: PartitionHost) -> None:
-        """Owner EX -> PR so read replicas can be granted PR next to it."""
+        """Owner EX -> PR so read replicas can be granted PR next to it.  If writes keep
+        coming, give up for now but remember the request (``share_wanted``): the cleaner
+        loop tries again once the partition is quiet.  (The DLM does not notify a holder
+        again for the same grant, so a forgotten request would keep the partition from
+        ever being shared again: found by tests/trunk/test_races.py.)"""
+        h.share_wanted = False
         give_up = time.monotonic() + 5 * WRITE_QUIET
         while not h.quiet(WRITE_QUIET):
-            if time.monotonic() > give_up or not h.serving:
-                return  # writes keep coming: this partition is not read-only now
+            if not h.serving:
+                return
+            if time.monotonic() > give_up:
+                h.share_wanted = True  # writes keep coming: not read-only now
+                return
             await asyncio.sleep(WRITE_QUIET / 4)
         async with self._conv_lock(p):
             dlm = self.dlm_locks.get(p)
-            if dlm is None or h.shared or not h.serving or not h.quiet(WRITE_QUIET):
+            if dlm is None or h.shared or not h.serving:
+                return
+            if not h.quiet(WRITE_QUIET):
+                h.share_wanted = True
                 return
             h.shared = True  # from here on, a commit waits for make_exclusive
             try:
@@ -579,6 +596,8 @@ class Server:
                 raise NotServing(f"partition {p}: cannot convert to EX: {e}") from None
             h.shared = False
             log.info("partition %d exclusive again for a write", p, extra={"partition": p})
+            if h.share_wanted:  # a replica asked again during the conversion
+                self._spawn(self._share(p, h))
 
     # -- read replicas (hot read-only spreading) ----------------------------------------------
     async def rpc_part_read(self, params: dict[str, Any]) -> dict[str, Any]:
@@ -835,6 +854,9 @@ class Server:
         while True:
             await asyncio.sleep(1.0)
             self._expire_replicas()
+            for p, h in list(self.hosts.items()):
+                if h.share_wanted and not h.shared and h.serving and h.quiet(WRITE_QUIET):
+                    self._spawn(self._share(p, h))
             try:
                 await self._reclaim_blobs()
             except Exception:
