@@ -169,7 +169,10 @@ class _Aio:
         resolve = self._resolver(loop, fut)
 
         def cb(comp: Any, data: bytes | None) -> None:
-            resolve((comp.get_return_value(), data or b""))
+            rc = comp.get_return_value()
+            # python3-rados 16 hands over its whole, uninitialised buffer when a read
+            # returns 0 bytes (it resizes only for 0 < rc < length): keep rc bytes
+            resolve((rc, (data or b"")[: max(rc, 0)]))
 
         self.io.aio_read(oid, length, offset, cb)
         return await fut
