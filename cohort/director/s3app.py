@@ -62,6 +62,8 @@ _CREATING_OPS = frozenset({"PutObject", "CopyObject", "CreateMultipartUpload"})
 _SSE_HEADERS = ("x-amz-server-side-encryption", "x-amz-copy-source-server-side-encryption")
 # operations an anonymous (unsigned) request may attempt; ACLs then decide
 ANONYMOUS_OPS = {"GetObject", "HeadObject", "ListObjects", "ListObjectsV2", "HeadBucket"}
+# what a public-read bucket ACL lets anyone do (READ on the bucket, as in S3)
+_LIST_OPS = {"ListObjects", "ListObjectsV2", "HeadBucket"}
 CANNED_ACLS = {"private", "public-read"}
 _STANDARD_HEADERS = (
     "Cache-Control",
@@ -316,15 +318,23 @@ class S3App:
             b = self.router.buckets.get(name)
         if b is None:
             raise S3Error("NoSuchBucket", resource=name, extra={"BucketName": name})
-        tenant = request.get("tenant")
-        if tenant is None:
-            public = self.keys is not None and self.keys.bucket_acl(name) == "public-read"
-            # anonymous object reads are decided per object (its own ACL) in get_object
-            if not public and request["op"] not in ("GetObject", "HeadObject"):
+        if b.get("tenant", ADMIN_TENANT) != request.get("tenant"):
+            # anonymous, or another tenant: as in S3, a public-read *bucket* lets anyone
+            # list it; reading an object needs that object's own public-read ACL (decided
+            # in get_object); nothing else is allowed to non-owners
+            op = request["op"]
+            if op in ("GetObject", "HeadObject"):
+                pass
+            elif op not in _LIST_OPS or not self._bucket_public(name):
                 raise S3Error("AccessDenied", resource=name)
-        elif b.get("tenant", ADMIN_TENANT) != tenant:
-            raise S3Error("AccessDenied", resource=name)
         return str(b["id"])
+
+    def _bucket_public(self, name: str) -> bool:
+        return self.keys is not None and self.keys.bucket_acl(name) == "public-read"
+
+    def _owns_bucket(self, name: str, request: web.Request) -> bool:
+        b = self.router.buckets.get(name) or {}
+        return bool(b.get("tenant", ADMIN_TENANT) == request.get("tenant"))
 
     @staticmethod
     def _canned_acl(request: web.Request) -> str | None:
@@ -811,12 +821,17 @@ class S3App:
 
         names.validate_key(key)
         looked_up = time.monotonic()  # the body may be freed any time after this lookup
-        bid, p, meta = await self._lookup(bucket, key, request)
-        if (
-            request["tenant"] is None
-            and meta.headers.get("x-amz-acl") != "public-read"
-            and not (self.keys is not None and self.keys.bucket_acl(bucket) == "public-read")
-        ):
+        owner = self._owns_bucket(bucket, request)
+        try:
+            bid, p, meta = await self._lookup(bucket, key, request)
+        except S3Error as e:
+            # a non-owner who may not list the bucket learns nothing of what is in it
+            if e.code == "NoSuchKey" and not owner and not self._bucket_public(bucket):
+                raise S3Error("AccessDenied", resource=f"/{bucket}/{key}") from None
+            raise
+        if not owner and meta.headers.get("x-amz-acl") != "public-read":
+            # the object's own ACL decides, for anonymous callers and other tenants alike
+            # (a public-read bucket does not make its private objects readable)
             raise S3Error("AccessDenied", resource=f"/{bucket}/{key}")
         headers = self._object_headers(meta)
         names.check_conditions(request.headers, meta.etag, meta.mtime, method=request.method)

@@ -116,8 +116,37 @@ def test_public_read_acl(cluster: LocalCluster, s3: Any) -> None:
     s3.put_object(Bucket="pub-bucket", Key="any.txt", Body=b"listed")
     r = requests.get(f"{base}/pub-bucket?list-type=2", timeout=10)
     assert r.status_code == 200 and b"<Key>any.txt</Key>" in r.content
-    assert requests.get(f"{base}/pub-bucket/any.txt", timeout=10).content == b"listed"
+    # a public-read bucket lets anyone list it, not read its private objects (as in S3;
+    # it used to serve them to anonymous GETs)
+    assert requests.get(f"{base}/pub-bucket/any.txt", timeout=10).status_code == 403
     assert requests.delete(f"{base}/pub-bucket/any.txt", timeout=10).status_code == 403
+    s3.put_object(Bucket="pub-bucket", Key="shared.txt", Body=b"for all", ACL="public-read")
+    assert requests.get(f"{base}/pub-bucket/shared.txt", timeout=10).content == b"for all"
+
+
+def test_public_read_for_other_tenants(cluster: LocalCluster, s3: Any) -> None:
+    """Another authenticated tenant gets what S3 gives AllUsers: public-read objects and
+    listings of public-read buckets; nothing else (and no hint of what exists)."""
+    other = new_tenant(cluster, "acl-reader")
+    sc = client(cluster, other["access_key"], other["secret_key"])
+    s3.create_bucket(Bucket="acl-private")
+    s3.put_object(Bucket="acl-private", Key="open", Body=b"o", ACL="public-read")
+    s3.put_object(Bucket="acl-private", Key="closed", Body=b"c")
+    s3.create_bucket(Bucket="acl-public", ACL="public-read")
+    s3.put_object(Bucket="acl-public", Key="closed", Body=b"c")
+    assert sc.get_object(Bucket="acl-private", Key="open")["Body"].read() == b"o"
+    assert sc.head_object(Bucket="acl-private", Key="open")["ContentLength"] == 1
+    denied(sc.get_object, Bucket="acl-private", Key="closed")
+    denied(sc.get_object, Bucket="acl-private", Key="missing")  # not NoSuchKey: no listing
+    denied(sc.list_objects_v2, Bucket="acl-private")
+    denied(sc.put_object, Bucket="acl-private", Key="x", Body=b"x")
+    listed = sc.list_objects_v2(Bucket="acl-public")
+    assert [o["Key"] for o in listed["Contents"]] == ["closed"]
+    denied(sc.get_object, Bucket="acl-public", Key="closed")
+    with pytest.raises(ClientError) as e:
+        sc.get_object(Bucket="acl-public", Key="missing")  # may list: may know it is absent
+    assert e.value.response["Error"]["Code"] == "NoSuchKey"
+    denied(sc.delete_object, Bucket="acl-public", Key="closed")
 
 
 def test_cli_errors(cluster: LocalCluster, tmp_path: Path) -> None:
