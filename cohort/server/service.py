@@ -31,7 +31,6 @@ import logging
 import os
 import signal
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
@@ -207,7 +206,6 @@ class Server:
         self.acquiring: dict[int, asyncio.Task[None]] = {}
         self.releasing: dict[int, asyncio.Task[None]] = {}
         self._tasks: list[asyncio.Task[None]] = []
-        self._freed: deque[tuple[float, str]] = deque()
         self._stopping = False
         self._load_t = time.monotonic()
         self._load_last: dict[int, tuple[int, int, int]] = {}
