@@ -216,6 +216,8 @@ class CephCluster:
             "osd data": str(b / "osd.$id"),
             "mon data": str(b / "mon.$id"),
             "osd heartbeat grace": "6",
+            # one host: every peer counts as one reporter, so one report must do
+            "mon osd min down reporters": "1",
             "osd heartbeat interval": "1",
             "osd op num shards": "2",
             "osd op num threads per shard": "1",

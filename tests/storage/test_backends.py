@@ -197,3 +197,55 @@ async def test_s3_requests_per_operation(ceph: CephCluster) -> None:
         assert s.requests["CompleteMultipartUpload"] == 1
     finally:
         await s.aclose()
+
+
+# -- Ceph's promises under a writing client ----------------------------------------------
+async def _write_while(store: RadosStore, stop: asyncio.Event, acked: list[str],
+                       errors: list[BaseException]) -> None:  # fmt: skip
+    i = 0
+    while not stop.is_set():
+        key = f"parts/0002/log/{i:016d}"
+        try:
+            await store.put(key, key.encode() * 64, if_absent=True)
+            acked.append(key)
+        except Exception as e:
+            errors.append(e)
+        i += 1
+
+
+@pytest.mark.slow
+async def test_rados_osd_added_and_killed_while_a_client_writes(tmp_path: Any) -> None:
+    """Add an OSD online, then kill -9 one OSD of a size-2 pool, while a client writes:
+    0 errors, and every acknowledged write reads back afterwards."""
+    from cohort.ceph_server import ceph_available
+
+    if not ceph_available():
+        pytest.skip("Ceph is not installed")
+    c = CephCluster(2, objectstore="memstore", pool_size=2)
+    await asyncio.to_thread(c.start, 90)
+    try:
+        s = await RadosStore.from_url(c.rados_url(op_timeout="60")).open()
+        stop, acked, errors = asyncio.Event(), [], []
+        writer = asyncio.create_task(_write_while(s, stop, acked, errors))
+        await asyncio.sleep(1.0)
+        before = len(acked)
+        new_osd = await asyncio.to_thread(c.add_osd)
+        await asyncio.sleep(2.0)
+        assert len(acked) > before  # writes went on while the OSD joined
+        victim = next(i for i in c.osds if i != new_osd)
+        c.kill_osd(victim)
+        n_at_kill = len(acked)
+        # writes stall until the monitor marks it down (heartbeat grace 6 s), then go on
+        deadline = asyncio.get_running_loop().time() + 45
+        while len(acked) < n_at_kill + 50:
+            assert asyncio.get_running_loop().time() < deadline, "writes did not resume"
+            await asyncio.sleep(0.2)
+        stop.set()
+        await writer
+        assert errors == []
+        got = await asyncio.gather(*(s.get(k) for k in acked))
+        assert all(g == k.encode() * 64 for g, k in zip(got, acked, strict=True))
+        assert [k async for k in s.list("parts/0002/log/")] == acked
+        await s.aclose()
+    finally:
+        await asyncio.to_thread(c.stop)
