@@ -15,9 +15,16 @@ A key ``k`` is the object ``<prefix>k`` in one bucket.
   compares the header's bytes with its stored etag); 412 (or 404: no such
   object) -> :class:`PreconditionFailed`.  The etag is the service's ETag of the value
   (an MD5 for a single PUT on most services), so a compare-and-swap compares content.
-* A retried conditional PUT (botocore retries 5xx and dropped connections) may find its
-  own first attempt already applied and get 412: when botocore reports a retry, the value
-  is read back and, if it holds exactly the bytes we wrote, the put counts as done.
+* Conditional PUTs are never retried blindly.  botocore retries 5xx answers and dropped
+  connections, and a retried conditional PUT whose first attempt was applied gets 412:
+  the writer would take its own write for another's.  Reading the value back and
+  comparing bytes does not settle it either: two writers of a compare-and-swap may write
+  the same bytes (measured: a lost increment on radosgw).  So conditional PUTs go through
+  a client without retries; an answer that is neither success nor 412 raises
+  :class:`StoreError` ("outcome unknown"), and the caller decides (the operation log's
+  next append of that sequence number then finds it, raises ``Fenced``, and the
+  partition is recovered with the segment in it).  Only AWS's ``409
+  ConditionalRequestConflict``, which means "not applied, retry", is retried.
 * ``put_stream`` sends values up to ``multipart_threshold`` (8 MiB) as one PUT and larger
   ones as a multipart upload (the object appears whole at CompleteMultipartUpload, or not
   at all; an aborted upload is cleaned up).
@@ -115,6 +122,7 @@ class S3Store:
         self.requests: Counter[str] = Counter()
         self._stack: contextlib.AsyncExitStack | None = None
         self._client: Any = None
+        self._conditional: Any = None  # the same, without botocore's retries
         self._open_lock: asyncio.Lock | None = None
 
     @classmethod
@@ -161,27 +169,37 @@ class S3Store:
                 raise StoreError(
                     "the s3 backend needs aiobotocore (pip install aiobotocore)"
                 ) from e
-            cfg = AioConfig(
-                s3={"addressing_style": self.addressing},
-                retries={"max_attempts": 4, "mode": "standard"},
-                connect_timeout=5,
-                read_timeout=60,
-                max_pool_connections=self.max_connections,
-                # servers that predate the flexible checksums (radosgw 16) break on them
-                request_checksum_calculation="when_required",
-                response_checksum_validation="when_required",
-            )
-            stack = contextlib.AsyncExitStack()
-            client = await stack.enter_async_context(
-                get_session().create_client(
-                    "s3",
-                    endpoint_url=self.endpoint,
-                    region_name=self.region,
-                    aws_access_key_id=self._access_key,
-                    aws_secret_access_key=self._secret_key,
-                    config=cfg,
+
+            def config(attempts: int) -> Any:
+                return AioConfig(
+                    s3={"addressing_style": self.addressing},
+                    retries={"max_attempts": attempts, "mode": "standard"},
+                    connect_timeout=5,
+                    read_timeout=60,
+                    max_pool_connections=self.max_connections,
+                    # servers that predate the flexible checksums (radosgw 16) break on them
+                    request_checksum_calculation="when_required",
+                    response_checksum_validation="when_required",
                 )
-            )
+
+            stack = contextlib.AsyncExitStack()
+            session = get_session()
+            clients = []
+            # conditional PUTs are never retried by botocore (see the module doc)
+            for attempts in (4, 1):
+                clients.append(
+                    await stack.enter_async_context(
+                        session.create_client(
+                            "s3",
+                            endpoint_url=self.endpoint,
+                            region_name=self.region,
+                            aws_access_key_id=self._access_key,
+                            aws_secret_access_key=self._secret_key,
+                            config=config(attempts),
+                        )
+                    )
+                )
+            client, self._conditional = clients
             try:
                 try:
                     await client.head_bucket(Bucket=self.bucket)
@@ -193,6 +211,7 @@ class S3Store:
                     await self.check()
             except BaseException:
                 self._client = None
+                self._conditional = None
                 self._stack = None
                 await stack.aclose()
                 raise
@@ -201,7 +220,7 @@ class S3Store:
     async def check(self) -> None:
         """Refuse a service that does not honour conditional PUTs (the log's fence)."""
         probe = f"{self.prefix}~cohort-probe/{uuid.uuid4().hex}"
-        c = self._client
+        c = self._conditional
         try:
             r = await c.put_object(Bucket=self.bucket, Key=probe, Body=b"1", IfNoneMatch="*")
             etag = str(r.get("ETag", "")).strip('"')
@@ -237,6 +256,7 @@ class S3Store:
             await self._stack.aclose()
         self._stack = None
         self._client = None
+        self._conditional = None
 
     async def aclose(self) -> None:
         await self.close()
@@ -326,28 +346,26 @@ class S3Store:
         elif if_match is not None:
             # unquoted: radosgw compares the header's bytes with its stored (unquoted) etag
             kw["IfMatch"] = if_match
+        conditional = if_absent or if_match is not None
         for attempt in range(20):
             c = await self._c("PutObject")
+            if conditional:
+                c = self._conditional
             try:
                 r = await c.put_object(**kw)
                 return str(r.get("ETag", "")).strip('"')
             except Exception as e:
-                code, status, retries = _code(e)
+                code, status, _retries = _code(e)
                 if status == 409 and code == "ConditionalRequestConflict":
-                    # AWS: a concurrent conditional write on the key; retrying decides it
+                    # AWS: a concurrent conditional write on the key; not applied, retry
                     await asyncio.sleep(min(0.5, 0.01 * 2**attempt))
                     continue
-                conditional = if_absent or if_match is not None
                 if conditional and (_precondition(e) or (if_match and _not_found(e))):
-                    if retries > 0:
-                        # maybe our own first attempt, applied but unanswered
-                        with contextlib.suppress(NotFound):
-                            got, etag = await self.get_with_etag(key)
-                            if got == data:
-                                return etag
                     raise PreconditionFailed(
                         f"{key} exists" if if_absent else f"{key} changed"
                     ) from None
+                if conditional:
+                    raise StoreError(f"s3 conditional PUT {key}: outcome unknown: {e}") from e
                 raise StoreError(f"s3 PUT {key}: {e}") from e
         raise StoreError(f"s3 PUT {key}: conditional write kept conflicting")
 
