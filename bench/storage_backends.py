@@ -72,10 +72,15 @@ async def bench_store(
         for c in (1, args.concurrency) if size == 4 * KiB else (args.concurrency // 4 or 1,):
             n_here = n if c > 1 else max(50, n // 4)
             prefix = f"b/{tag}/{label}-c{c}"
-            put = await rate(
-                n_here, c, lambda i, p=prefix, d=data: store.put(f"{p}/{i:08d}", d, if_absent=True)
-            )
-            get = await rate(n_here, c, lambda i, p=prefix: store.get(f"{p}/{i:08d}"))
+
+            async def put_one(i: int, p: str = prefix, d: bytes = data) -> None:
+                await store.put(f"{p}/{i:08d}", d, if_absent=True)
+
+            async def get_one(i: int, p: str = prefix) -> None:
+                await store.get(f"{p}/{i:08d}")
+
+            put = await rate(n_here, c, put_one)
+            get = await rate(n_here, c, get_one)
             rows.append({"backend": name, "size": label, "concurrency": c,
                          "put_per_s": put, "get_per_s": get})  # fmt: skip
             print(f"  {name:18s} {label} c={c:<3d} put {put:8.0f}/s  get {get:8.0f}/s", flush=True)
@@ -131,8 +136,15 @@ async def bench_raw(
         await asyncio.to_thread(sync_gets)
         get_sync = n_sync / (time.perf_counter() - t0)
         window = 64 if size == 4 * KiB else 8
-        put_aio = await rate(n, window, lambda i, lb=label, d=data: ops.write_full(f"a{lb}{i}", d))
-        get_aio = await rate(n, window, lambda i, lb=label, sz=size: ops.read(f"a{lb}{i}", sz, 0))
+
+        async def aio_put(i: int, lb: str = label, d: bytes = data) -> None:
+            await ops.write_full(f"a{lb}{i}", d)
+
+        async def aio_get(i: int, lb: str = label, sz: int = size) -> None:
+            await ops.read(f"a{lb}{i}", sz, 0)
+
+        put_aio = await rate(n, window, aio_put)
+        get_aio = await rate(n, window, aio_get)
         for mode, c, p, g in (("sync", 1, put_sync, get_sync), ("aio", window, put_aio, get_aio)):
             rows.append({"backend": f"rados-raw {mode}", "size": label, "concurrency": c,
                          "put_per_s": p, "get_per_s": g})  # fmt: skip

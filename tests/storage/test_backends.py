@@ -225,7 +225,9 @@ async def test_rados_osd_added_and_killed_while_a_client_writes(tmp_path: Any) -
     await asyncio.to_thread(c.start, 90)
     try:
         s = await RadosStore.from_url(c.rados_url(op_timeout="60")).open()
-        stop, acked, errors = asyncio.Event(), [], []
+        stop = asyncio.Event()
+        acked: list[str] = []
+        errors: list[BaseException] = []
         writer = asyncio.create_task(_write_while(s, stop, acked, errors))
         await asyncio.sleep(1.0)
         before = len(acked)
