@@ -28,7 +28,16 @@ from typing import Any
 import msgspec
 
 from cohort.auth import ClusterKey, Verifier
-from cohort.coord.state import CapacityRule, CoordinatorError, CoordinatorState, LoadPolicy
+from cohort.coord.state import (
+    CapacityRule,
+    Clock,
+    CoordinatorError,
+    CoordinatorState,
+    IdFactory,
+    LoadPolicy,
+    random_id,
+    system_clock,
+)
 from cohort.logs import setup_logging
 from cohort.metrics import CoordinatorMetrics, start_metrics_server
 from cohort.rpc import RpcError, RpcServer
@@ -68,16 +77,24 @@ class EmbeddedCoordinator:
         load_policy: LoadPolicy | None = None,
         capacity_schedule: list[CapacityRule] | None = None,
         cluster_key: ClusterKey,
+        clock: Clock = system_clock,
+        new_id: IdFactory = random_id,
     ) -> None:
+        """``clock`` (wall time) and ``new_id`` are injected into the rule engine; tests
+        pass fakes (e.g. a clock at a chosen hour for failback windows and schedules)."""
         data_dir.mkdir(parents=True, exist_ok=True)
         self.store = SqlitePersistence(data_dir / "coordinator.sqlite")
         snap = self.store.load()
         now = time.monotonic()
         if snap is None:
-            self.state = CoordinatorState(partitions, lease_ttl, failback)
+            self.state = CoordinatorState(
+                partitions, lease_ttl, failback, clock=clock, new_id=new_id
+            )
             self.store.save(self.state.snapshot())
         else:
-            self.state = CoordinatorState.restore(snap, lease_ttl, failback)
+            self.state = CoordinatorState.restore(
+                snap, lease_ttl, failback, clock=clock, new_id=new_id
+            )
             self.state.extend_all_leases(now)
             log.info("restored coordinator state (version %d)", self.state.version)
         if load_policy is not None:

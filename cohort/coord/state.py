@@ -1,8 +1,13 @@
 """The coordinator's state machine: membership with leases, the partition map, buckets.
 
 Pure and deterministic: every method takes ``now`` (seconds, monotonic) and mutates the
-in-memory state; nothing here does I/O.  The embedded coordinator process persists the
-result after each change; an etcd backend keeps the same shapes in etcd keys.
+in-memory state; nothing here does I/O.  Wall time (event stamps, ``joined_at``, bucket
+creation, failback windows and capacity schedules) comes from the injected ``clock`` and
+every identifier (cluster id, incarnations, bucket ids) from the injected ``new_id``, so
+the same inputs give the same state.  The backends are two ways to store this state and
+to elect the one process that steps it: the embedded coordinator persists it in SQLite
+after each change; on etcd the elected primary keeps it in ``v/state`` and folds in what
+it observes in etcd (:mod:`cohort.coord.etcd`).
 
 Rules it enforces
 -----------------
@@ -44,6 +49,19 @@ from typing import Any
 import msgspec
 
 _WINDOW = re.compile(r"^([01]?\d|2[0-3])-([01]?\d|2[0-4])$")
+
+Clock = Callable[[], float]  # wall-clock seconds since the epoch
+IdFactory = Callable[[], str]  # a fresh random hex identifier (at least 16 digits)
+
+
+def system_clock() -> float:
+    """The real wall clock: what the backends inject outside tests."""
+    return time.time()
+
+
+def random_id() -> str:
+    """A fresh random identifier (32 hex digits): what the backends inject outside tests."""
+    return uuid.uuid4().hex
 
 
 class Member(msgspec.Struct):
@@ -101,6 +119,12 @@ class CapacityRule:
         return _in_window(self.hours, hour)
 
 
+def check_failback(failback: str) -> None:
+    """Raise ValueError unless ``failback`` is immediate, never or a daily HH-HH window."""
+    if failback not in ("immediate", "never") and not _WINDOW.match(failback):
+        raise ValueError(f"failback policy must be immediate, never or HH-HH, not {failback!r}")
+
+
 def _in_window(window: str, hour: int) -> bool:
     start, _, end = window.partition("-")
     lo, hi = int(start), int(end)
@@ -137,14 +161,30 @@ class CoordinatorError(Exception):
         self.message = message
 
 
+def bucket_taken(existing: Bucket | dict[str, Any], name: str, tenant: str) -> CoordinatorError:
+    """The error for creating bucket ``name`` as ``tenant`` when ``existing`` has the name
+    (the rule both backends apply: S3's two codes)."""
+    owner = existing.tenant if isinstance(existing, Bucket) else existing.get("tenant")
+    if owner == tenant:
+        return CoordinatorError("BucketAlreadyOwnedByYou", name)
+    return CoordinatorError("BucketAlreadyExists", name)
+
+
 class CoordinatorState:
     def __init__(
-        self, partitions: int = 256, lease_ttl: float = 2.5, failback: str = "immediate"
+        self,
+        partitions: int = 256,
+        lease_ttl: float = 2.5,
+        failback: str = "immediate",
+        *,
+        clock: Clock = system_clock,
+        new_id: IdFactory = random_id,
     ) -> None:
-        if failback not in ("immediate", "never") and not _WINDOW.match(failback):
-            raise ValueError(f"failback policy must be immediate, never or HH-HH, not {failback!r}")
+        check_failback(failback)
         self.failback = failback
-        self.clock = time.time  # wall clock for failback windows (injectable in tests)
+        # wall clock (events, joined_at, buckets, failback windows, capacity schedules)
+        self.clock = clock
+        self.new_id = new_id  # identifiers: cluster id, incarnations, bucket ids
         self.capacity_schedule: list[CapacityRule] = []
         self._scheduled: dict[str, float] = {}  # capacities in force, to log changes
         self.partition_count = partitions
@@ -157,7 +197,8 @@ class CoordinatorState:
         # bumped whenever the set of live servers changes: the lock manager's epoch, so
         # every server's DLM agent agrees which membership a number means
         self.membership_epoch = 0
-        self.cluster_id = uuid.uuid4().hex
+        self.cluster_id = new_id()
+        self.event_seq = 0  # events appended since construction (for backends that ship them)
         # Load-aware balancing: soft state, rebuilt from heartbeats (never persisted).
         self.load_policy = LoadPolicy()
         self.part_rate: dict[int, float] = {}  # smoothed requests/s per partition
@@ -173,7 +214,8 @@ class CoordinatorState:
     def _changed(self, kind: str | None = None, detail: str = "") -> None:
         self.version += 1
         if kind is not None:
-            self.events.append(Event(time.time(), kind, detail))
+            self.events.append(Event(self.clock(), kind, detail))
+            self.event_seq += 1
             del self.events[:-500]
 
     # -- membership ------------------------------------------------------------------------
@@ -188,7 +230,11 @@ class CoordinatorState:
         standby: bool = False,
         pid: int = 0,
         meta: dict[str, Any] | None = None,
+        incarnation: str | None = None,
+        joined_at: float | None = None,
     ) -> Member:
+        """A member joins (``incarnation``: one the backend already handed out, as etcd's
+        members pick their own; by default a fresh one from ``new_id``)."""
         old = self.members.get(member_id)
         if old is not None and old.state not in ("dead", "left") and role == "server":
             # A new incarnation: the previous process lost its state; fence it out now.
@@ -197,12 +243,12 @@ class CoordinatorState:
             id=member_id,
             role=role,
             address=address,
-            incarnation=uuid.uuid4().hex[:12],
+            incarnation=incarnation or self.new_id()[:12],
             lease_expiry=now + self.lease_ttl,
             capacity=capacity,
             standby=standby,
             pid=pid,
-            joined_at=time.time(),
+            joined_at=self.clock() if joined_at is None else joined_at,
             meta=meta or {},
         )
         self.members[member_id] = m
@@ -282,6 +328,19 @@ class CoordinatorState:
         self.rebalance(now)
         return m
 
+    def expire(
+        self, now: float, member_id: str, incarnation: str, why: str = "lease expired"
+    ) -> bool:
+        """The lease of ``member_id``'s ``incarnation`` is gone before ``tick`` noticed (a
+        backend that keeps leases elsewhere, e.g. etcd, saw it expire): the member is dead
+        and its partitions move with new epochs.  False if that incarnation is not live."""
+        m = self.members.get(member_id)
+        if m is None or m.incarnation != incarnation or m.state in ("dead", "left"):
+            return False
+        self._member_gone(m, why)
+        self.rebalance(now)
+        return True
+
     def _member_gone(self, m: Member, why: str) -> None:
         m.state = "dead" if why != "left" else "left"
         if m.role == "server":
@@ -319,12 +378,16 @@ class CoordinatorState:
         if self.failback == "never":
             return False
         # "HH-HH": a daily window in local time, as MSCS allows
-        return _in_window(self.failback, time.localtime(self.clock()).tm_hour)
+        return _in_window(self.failback, self.hour())
+
+    def hour(self) -> int:
+        """The local hour of the injected wall clock (failback windows, schedules)."""
+        return time.localtime(self.clock()).tm_hour
 
     def capacity_of(self, m: Member) -> float:
         """``m``'s capacity now: a scheduled one if a rule's window is open, else its own."""
         if self.capacity_schedule:
-            hour = time.localtime(self.clock()).tm_hour
+            hour = self.hour()
             for r in self.capacity_schedule:
                 if r.active(m.id, hour):
                     return r.capacity
@@ -538,13 +601,15 @@ class CoordinatorState:
     def create_bucket(self, name: str, tenant: str = "default") -> Bucket:
         b = self.buckets.get(name)
         if b is not None:
-            if b.tenant == tenant:
-                raise CoordinatorError("BucketAlreadyOwnedByYou", name)
-            raise CoordinatorError("BucketAlreadyExists", name)
-        b = Bucket(name=name, id=uuid.uuid4().hex[:16], created=time.time(), tenant=tenant)
+            raise bucket_taken(b, name, tenant)
+        b = self.new_bucket(name, tenant)
         self.buckets[name] = b
         self._changed("bucket-create", name)
         return b
+
+    def new_bucket(self, name: str, tenant: str = "default") -> Bucket:
+        """A new bucket record (fresh id, created now); not yet added."""
+        return Bucket(name=name, id=self.new_id()[:16], created=self.clock(), tenant=tenant)
 
     def delete_bucket(self, name: str, bucket_id: str) -> None:
         b = self.buckets.get(name)
@@ -581,9 +646,15 @@ class CoordinatorState:
 
     @classmethod
     def restore(
-        cls, snap: dict[str, Any], lease_ttl: float, failback: str = "immediate"
+        cls,
+        snap: dict[str, Any],
+        lease_ttl: float,
+        failback: str = "immediate",
+        *,
+        clock: Clock = system_clock,
+        new_id: IdFactory = random_id,
     ) -> CoordinatorState:
-        s = cls(snap["partition_count"], lease_ttl, failback)
+        s = cls(snap["partition_count"], lease_ttl, failback, clock=clock, new_id=new_id)
         s.cluster_id = snap["cluster_id"]
         s.version = snap["version"] + 1
         # a restarted coordinator must never reuse an epoch the agents have seen
