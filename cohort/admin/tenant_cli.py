@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -30,25 +31,37 @@ def _fail(message: str, hint: str = "") -> None:
     raise typer.Exit(2)
 
 
-def _registry(data_dir: Path) -> tuple[TenantRegistry, dict[str, Any]]:
-    from cohort.storage.local import LocalStore
+class _Registry:
+    """The registry of the cluster in a data directory, on whatever storage it uses
+    (cluster.json's ``storage``: a directory, rados://... or s3://...)."""
 
-    doc_path = data_dir / "cluster.json"
-    key_path = data_dir / "master.key"
-    if not doc_path.exists() or not key_path.exists():
-        _fail(
-            f"{data_dir} is not a Cohort data directory (no cluster.json / master.key)",
-            "pass --data-dir of a cluster started with `cohort up`",
-        )
-    doc: dict[str, Any] = json.loads(doc_path.read_text())
-    return TenantRegistry(LocalStore(doc["storage"]), key_path.read_bytes().strip()), doc
+    def __init__(self, data_dir: Path) -> None:
+        doc_path = data_dir / "cluster.json"
+        key_path = data_dir / "master.key"
+        if not doc_path.exists() or not key_path.exists():
+            _fail(
+                f"{data_dir} is not a Cohort data directory (no cluster.json / master.key)",
+                "pass --data-dir of a cluster started with `cohort up`",
+            )
+        self.doc: dict[str, Any] = json.loads(doc_path.read_text())
+        self.master = key_path.read_bytes().strip()
 
+    def run(self, op: Callable[[TenantRegistry], Awaitable[Any]]) -> Any:
+        from cohort.storage import StorageUnavailable, aclose_store, open_store
 
-def _run(coro: Any) -> Any:
-    try:
-        return asyncio.run(coro)
-    except TenantError as e:
-        _fail(str(e))
+        async def go() -> Any:
+            store = await open_store(self.doc["storage"])
+            try:
+                return await op(TenantRegistry(store, self.master))
+            finally:
+                await aclose_store(store)
+
+        try:
+            return asyncio.run(go())
+        except TenantError as e:
+            _fail(str(e))
+        except StorageUnavailable as e:
+            _fail(str(e), "is the cluster's storage reachable from here?")
 
 
 def _print_key(tenant: str, access: str, secret: str, as_json: bool) -> None:
@@ -64,16 +77,14 @@ def tenant_create(
     name: str, data_dir: DataDir = Path("./cohort-data"), as_json: AsJson = False
 ) -> None:
     """Create a tenant and its first access key."""
-    reg, _ = _registry(data_dir)
-    access, secret = _run(reg.create_tenant(name))
+    access, secret = _Registry(data_dir).run(lambda reg: reg.create_tenant(name))
     _print_key(name, access, secret, as_json)
 
 
 @tenant_app.command("list")
 def tenant_list(data_dir: DataDir = Path("./cohort-data"), as_json: AsJson = False) -> None:
     """Tenants and their active keys."""
-    reg, _ = _registry(data_dir)
-    tenants = reg.list()
+    tenants = _Registry(data_dir).run(lambda reg: reg.list())
     if as_json:
         print(json.dumps(tenants, indent=2))
         return
@@ -88,7 +99,8 @@ def tenant_list(data_dir: DataDir = Path("./cohort-data"), as_json: AsJson = Fal
 @tenant_app.command("delete")
 def tenant_delete(name: str, data_dir: DataDir = Path("./cohort-data")) -> None:
     """Delete a tenant (it must own no buckets) and all its keys."""
-    reg, doc = _registry(data_dir)
+    reg = _Registry(data_dir)
+    doc = reg.doc
     from cohort.coord import connect
 
     async def owned() -> list[str]:
@@ -109,7 +121,7 @@ def tenant_delete(name: str, data_dir: DataDir = Path("./cohort-data")) -> None:
             f"cannot reach the coordinator at {doc['coordinator']}: {e}", "is the cluster running?"
         )
         return
-    _run(reg.delete_tenant(name, buckets))
+    reg.run(lambda r: r.delete_tenant(name, buckets))
     console.print(f"deleted tenant {name}")
 
 
@@ -118,14 +130,12 @@ def key_create(
     tenant: str, data_dir: DataDir = Path("./cohort-data"), as_json: AsJson = False
 ) -> None:
     """Add an access key to a tenant."""
-    reg, _ = _registry(data_dir)
-    access, secret = _run(reg.create_key(tenant))
+    access, secret = _Registry(data_dir).run(lambda reg: reg.create_key(tenant))
     _print_key(tenant, access, secret, as_json)
 
 
 @key_app.command("revoke")
 def key_revoke(access_key: str, data_dir: DataDir = Path("./cohort-data")) -> None:
-    """Revoke an access key: it stops working on the next request."""
-    reg, _ = _registry(data_dir)
-    tenant = _run(reg.revoke_key(access_key))
+    """Revoke an access key: it stops at the next request (within ~1 s on RADOS or S3)."""
+    tenant = _Registry(data_dir).run(lambda reg: reg.revoke_key(access_key))
     console.print(f"revoked {access_key} (tenant {tenant})")

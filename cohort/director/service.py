@@ -9,6 +9,7 @@ import logging
 import os
 import signal
 import socket
+import sys
 from pathlib import Path
 
 from aiohttp import web
@@ -23,7 +24,7 @@ from cohort.director.s3app import S3App, S3Runner
 from cohort.logs import setup_logging
 from cohort.metrics import DirectorMetrics
 from cohort.rpc import RpcError
-from cohort.storage.local import LocalStore
+from cohort.storage import SPEC_HELP, StorageUnavailable, aclose_store, open_store
 from cohort.tenants import KeyCache, TenantRegistry
 
 log = logging.getLogger("cohort.director")
@@ -60,10 +61,12 @@ async def serve(args: argparse.Namespace) -> None:
     router = Router(coord, hot_reads=args.hot_reads, policy=args.balance, credential=credential)
     await router.start()
     keys = load_keys(args.credentials)
-    store = LocalStore(args.storage)
+    store = await open_store(args.storage)
     master = Path(args.master_key).read_bytes().strip() if args.master_key else None
-    key_cache = KeyCache(store, master, bootstrap=keys)
+    key_cache = await KeyCache(store, master, bootstrap=keys).start()
     registry = TenantRegistry(store, master) if master else None
+    if registry is not None:
+        registry.on_change = key_cache.install  # this director sees its own changes at once
     s3 = S3App(
         router,
         store,
@@ -111,6 +114,8 @@ async def serve(args: argparse.Namespace) -> None:
     await admin.close()
     await runner.cleanup()
     await router.close()
+    await key_cache.close()
+    await aclose_store(store)
 
 
 def _policy(text: str) -> Chooser:
@@ -125,7 +130,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="cohort-director")
     ap.add_argument("--id", default="director-1")
     ap.add_argument("--coordinator", required=True)
-    ap.add_argument("--storage", required=True)
+    ap.add_argument("--storage", required=True, help=f"shared storage: {SPEC_HELP}")
     ap.add_argument("--credentials", required=True, help="JSON file with access_key/secret_key")
     ap.add_argument(
         "--master-key", default=None, help="file with the key that encrypts tenant secrets"
@@ -174,7 +179,12 @@ def main(argv: list[str] | None = None) -> None:
     setup_logging(args.id, args.log_file)
     import uvloop
 
-    uvloop.run(serve(args))
+    try:
+        uvloop.run(serve(args))
+    except StorageUnavailable as e:
+        log.error("storage unavailable: %s", e)
+        print(f"cohort-director: error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -30,9 +30,10 @@ import heapq
 import logging
 import os
 import signal
+import sys
 import time
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
@@ -50,8 +51,11 @@ from cohort.partitioning import partition_of
 from cohort.rpc import ClientPool, RpcClient, RpcError, RpcServer
 from cohort.server.host import NotServing, PartitionHost
 from cohort.server.state import ObjectMeta, PartitionState, Upload, blob_grace, meta_to_wire
-from cohort.storage.base import Store
-from cohort.storage.local import LocalStore
+from cohort.storage import SPEC_HELP, StorageUnavailable, aclose_store, open_store
+from cohort.storage.base import EtagStore, Store
+
+if TYPE_CHECKING:
+    from cohort.tenants import KeyCache
 
 log = logging.getLogger("cohort.server")
 
@@ -1313,25 +1317,28 @@ def _faulty(store: Store, spec: str) -> Store:
     return FaultyStore(store, schedule=schedule)
 
 
-def _tenant_keys(args: argparse.Namespace) -> TenantLookup | None:
-    """Tenants' access keys, for their DLM sessions (None: members only)."""
+async def _tenant_keys(args: argparse.Namespace, store: EtagStore) -> KeyCache | None:
+    """Tenants' access keys, for their DLM sessions (None: members only).  On a remote
+    store the cache refreshes itself in the background (cohort.tenants)."""
     if not args.master_key:
         return None
     import json
     from pathlib import Path
 
-    from cohort.tenants import KeyCache
-
     bootstrap: dict[str, str] = {}
     if args.credentials:
         creds = json.loads(Path(args.credentials).read_text())
         bootstrap = {creds["access_key"]: creds["secret_key"]}
+    from cohort.tenants import KeyCache
+
     master = Path(args.master_key).read_bytes().strip()
-    return KeyCache(LocalStore(args.storage), master, bootstrap=bootstrap).lookup
+    return await KeyCache(store, master, bootstrap=bootstrap).start()
 
 
 async def serve(args: argparse.Namespace) -> None:
-    store: Store = LocalStore(args.storage)
+    raw = await open_store(args.storage)
+    keys = await _tenant_keys(args, raw)
+    store: Store = raw
     spec = args.faulty_store or os.environ.get("COHORT_FAULTY_STORE")
     if spec:
         store = _faulty(store, spec)
@@ -1348,7 +1355,7 @@ async def serve(args: argparse.Namespace) -> None:
         advertise=args.advertise,
         tags=args.tag,
         cluster_key=cluster_key,
-        tenants=_tenant_keys(args),
+        tenants=keys.lookup if keys is not None else None,
     )
     server.upload_expiry = args.upload_expiry_seconds
     server.orphan_age = args.orphan_age_seconds
@@ -1361,6 +1368,9 @@ async def serve(args: argparse.Namespace) -> None:
     await stop.wait()
     log.info("stopping: flushing and releasing partitions")
     await server.stop()
+    if keys is not None:
+        await keys.close()
+    await aclose_store(raw)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -1371,7 +1381,7 @@ def main(argv: list[str] | None = None) -> None:
         required=True,
         help="host:port of the coordinator, or etcd://h1:p1,h2:p2[/ns]",
     )
-    ap.add_argument("--storage", required=True, help="shared storage directory")
+    ap.add_argument("--storage", required=True, help=f"shared storage: {SPEC_HELP}")
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=0)
     ap.add_argument("--capacity", type=float, default=1.0)
@@ -1423,7 +1433,12 @@ def main(argv: list[str] | None = None) -> None:
     setup_logging(args.id, args.log_file)
     import uvloop
 
-    uvloop.run(serve(args))
+    try:
+        uvloop.run(serve(args))
+    except StorageUnavailable as e:
+        log.error("storage unavailable: %s", e)
+        print(f"cohort-server: error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,11 @@ Every backend guarantees:
   The operation log's fencing depends on this.
 * ``put(..., if_match=etag)`` replaces the value only if its current etag is ``etag``.
 * ``get``/``read_range`` raise :class:`NotFound` for a missing key.
+
+:class:`EtagStore` adds ``get_with_etag``, a value read together with its etag, for
+read-modify-write callers (the tenant registry).  Every backend has it (local, RADOS,
+S3); it is a separate protocol so that wrappers which only pass the data path through
+(the chaos harness's ``FaultyStore``, the metrics' ``InstrumentedStore``) stay ``Store``s.
 """
 
 from __future__ import annotations
@@ -60,4 +65,12 @@ class Store(Protocol):
 
     def list(self, prefix: str) -> AsyncIterator[str]:
         """Keys starting with ``prefix``, in lexicographic order."""
+        ...
+
+
+@runtime_checkable
+class EtagStore(Store, Protocol):
+    async def get_with_etag(self, key: str) -> tuple[bytes, str]:
+        """The value and its current etag, read together (the etag ``put`` returned,
+        suitable for ``put(..., if_match=etag)``); :class:`NotFound` for a missing key."""
         ...

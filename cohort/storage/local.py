@@ -64,6 +64,27 @@ class LocalStore:
     async def get(self, key: str) -> bytes:
         return await asyncio.to_thread(self._get, key)
 
+    def _get_with_etag(self, key: str) -> tuple[bytes, str]:
+        # every write is a new inode (rename or link of a fresh file), so the fstat of
+        # the open file names exactly the version that was read
+        try:
+            with open(self.path(key), "rb") as f:
+                return f.read(), _etag(os.fstat(f.fileno()))
+        except FileNotFoundError:
+            raise NotFound(key) from None
+
+    async def get_with_etag(self, key: str) -> tuple[bytes, str]:
+        """The value and its etag, of one version (see :class:`~cohort.storage.base.EtagStore`)."""
+        return await asyncio.to_thread(self._get_with_etag, key)
+
+    def etag_now(self, key: str) -> str | None:
+        """The current etag, or None for a missing key: one ``stat``, blocking (cheap
+        enough to call per request, which :class:`cohort.tenants.KeyCache` does)."""
+        try:
+            return _etag(os.stat(self.path(key)))
+        except FileNotFoundError:
+            return None
+
     def _read_range(self, key: str, start: int, length: int) -> bytes:
         try:
             with open(self.path(key), "rb") as f:
