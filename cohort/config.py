@@ -13,6 +13,15 @@ Example (``/etc/cohort/cohort.toml``)::
     [storage]
     backend = "local"         # a directory every machine mounts at the same path
     path = "/mnt/cohort"
+    # or Ceph RADOS (a URL, or its parts):
+    # backend = "rados"
+    # pool = "cohort"; namespace = "prod"; conf = "/etc/ceph/ceph.conf"
+    # keyring = "/etc/ceph/ceph.client.cohort.keyring"; id = "cohort"
+    # or any S3 service that honours conditional writes:
+    # backend = "s3"
+    # bucket = "cohort"; prefix = "prod"; endpoint = "https://s3.example.com"
+    # credentials = "/etc/cohort/s3.json"   # {"access_key": ..., "secret_key": ...}
+    # or, for either:  url = "rados://cohort/prod?conf=/etc/ceph/ceph.conf"
 
     [node]
     id = "m1"                 # unique per machine
@@ -47,8 +56,16 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, urlencode, urlsplit
 
 ROLES = ("server", "director", "coordinator")
+BACKENDS = ("local", "rados", "s3")
+# [storage] keys per backend, besides `backend` (and `url` for rados and s3); they become
+# the URL's parts and options (cohort.storage.rados / cohort.storage.s3)
+RADOS_KEYS = ("pool", "namespace", "conf", "keyring", "id", "mon_host", "stripe", "listing",
+              "io", "op_timeout", "window")  # fmt: skip
+S3_KEYS = ("bucket", "prefix", "endpoint", "region", "credentials", "addressing",
+           "max_connections")  # fmt: skip
 
 
 class ConfigError(ValueError):
@@ -66,6 +83,7 @@ class NodeConfig:
     cluster_key: str = "/etc/cohort/cluster.key"
     master_key: str = ""
     storage_backend: str = "local"
+    storage_url: str = ""  # rados://... or s3://... (backend rados or s3)
     partitions: int = 256
     lease_ttl: float = 2.0
     server_port: int = 7000
@@ -84,6 +102,11 @@ class NodeConfig:
     log_dir: str = ""
     source: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def storage(self) -> str:
+        """What every role gets as ``--storage``: the directory, or the store's URL."""
+        return self.storage_path if self.storage_backend == "local" else self.storage_url
 
     @property
     def uses_etcd(self) -> bool:
@@ -140,6 +163,83 @@ def _balance(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value)
 
 
+def _storage(doc: dict[str, Any]) -> tuple[str, str, str]:
+    """``[storage]`` -> (backend, path, url): a local directory, or a rados:// / s3:// URL
+    given whole (``url``) or by its parts (RADOS_KEYS, S3_KEYS)."""
+    sec = doc.get("storage")
+    if sec is None:
+        raise ConfigError('missing [storage]: give path = DIR, or backend = "rados" / "s3"')
+    if not isinstance(sec, dict):
+        raise ConfigError("[storage] must be a table")
+    url = sec.get("url", "")
+    if not isinstance(url, str):
+        raise ConfigError(f"[storage] url must be a str, not {url!r}")
+    scheme = urlsplit(url).scheme if url else ""
+    backend = sec.get("backend", scheme if scheme in ("rados", "s3") else "local")
+    if backend not in BACKENDS:
+        raise ConfigError(
+            f"[storage] backend {backend!r} is unknown; choose one of {', '.join(BACKENDS)}"
+        )
+    if backend == "local":
+        unknown = sorted(set(sec) - {"backend", "path"})
+        if unknown:
+            raise ConfigError(
+                f'[storage] backend "local" takes only `path`, not {unknown}; for Ceph or '
+                'S3 set backend = "rados" or "s3"'
+            )
+        return backend, _get(doc, "storage", "path", str), ""
+    keys = RADOS_KEYS if backend == "rados" else S3_KEYS
+    if "path" in sec:
+        raise ConfigError(
+            f'[storage] backend "{backend}" takes `url` or its parts ({", ".join(keys)}); '
+            '`path` is only for backend "local"'
+        )
+    unknown = sorted(set(sec) - {"backend", "url", *keys})
+    if unknown:
+        hint = (
+            "; put secrets in a file: credentials = FILE (s3) or keyring = FILE (rados)"
+            if {"access_key", "secret_key", "key"} & set(unknown)
+            else ""
+        )
+        raise ConfigError(
+            f'[storage] backend "{backend}": unknown keys {unknown}; use url, or '
+            f"{', '.join(keys)}{hint}"
+        )
+    parts = {k: sec[k] for k in keys if k in sec}
+    if url:
+        if scheme != backend:
+            raise ConfigError(
+                f'[storage] backend "{backend}" needs a {backend}:// url, not {url!r}'
+            )
+        if parts:
+            raise ConfigError(
+                f"[storage] give either url or its parts ({', '.join(sorted(parts))}), not both"
+            )
+        if not urlsplit(url).netloc:
+            what = "pool" if backend == "rados" else "bucket"
+            raise ConfigError(f"[storage] url {url!r} names no {what}")
+        return backend, "", url
+    for k, v in parts.items():
+        if not isinstance(v, str | int | float) or isinstance(v, bool):
+            raise ConfigError(f"[storage] {k} must be a string or a number, not {v!r}")
+    opts = {k: str(v) for k, v in parts.items()}
+    if backend == "rados":
+        pool = opts.pop("pool", "")
+        if not pool:
+            raise ConfigError('[storage] backend "rados" needs `pool` (or a rados:// url)')
+        ns = opts.pop("namespace", "")
+        where = quote(pool, safe="") + ("/" + quote(ns, safe="") if ns else "")
+        query = urlencode(opts, safe="/")
+        return backend, "", f"rados://{where}" + (f"?{query}" if query else "")
+    bucket = opts.pop("bucket", "")
+    if not bucket:
+        raise ConfigError('[storage] backend "s3" needs `bucket` (or an s3:// url)')
+    prefix = opts.pop("prefix", "").strip("/")
+    query = urlencode(opts, safe="/:")
+    where = quote(bucket, safe="") + ("/" + quote(prefix, safe="/") if prefix else "")
+    return backend, "", f"s3://{where}" + (f"?{query}" if query else "")
+
+
 def parse_config(text: str, source: str = "<string>") -> NodeConfig:
     try:
         doc = tomllib.loads(text)
@@ -151,13 +251,15 @@ def parse_config(text: str, source: str = "<string>") -> NodeConfig:
         if bad:
             raise ConfigError(f"[node] roles: unknown {bad}; choose from {list(ROLES)}")
         node_id = _get(doc, "node", "id", str)
+        backend, storage_path, storage_url = _storage(doc)
         cfg = NodeConfig(
             node_id=node_id,
             address=_get(doc, "node", "address", str, "127.0.0.1"),
             roles=list(roles),
             coordinator=_get(doc, "cluster", "coordinator", str),
-            storage_path=_get(doc, "storage", "path", str),
-            storage_backend=_get(doc, "storage", "backend", str, "local"),
+            storage_path=storage_path,
+            storage_backend=backend,
+            storage_url=storage_url,
             credentials=_get(doc, "cluster", "credentials", str, ""),
             cluster_key=_get(doc, "cluster", "key", str, "/etc/cohort/cluster.key"),
             master_key=_get(doc, "cluster", "master_key", str, ""),
@@ -183,11 +285,6 @@ def parse_config(text: str, source: str = "<string>") -> NodeConfig:
         )
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
-    if cfg.storage_backend != "local":
-        raise ConfigError(
-            f'{source}: [storage] backend {cfg.storage_backend!r} is not available; use "local"'
-            " (a directory on a mount every machine shares)"
-        )
     if cfg.partitions < 1:
         raise ConfigError(f"{source}: [cluster] partitions must be at least 1")
     if cfg.lease_ttl <= 0.5:

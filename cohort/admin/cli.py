@@ -186,7 +186,7 @@ def server_role(config: ConfigFile = Path("/etc/cohort/cohort.toml")) -> None:
 
     cfg = _node_config(config)
     argv = ["--id", cfg.server_id, "--coordinator", cfg.coordinator_address(),
-            "--storage", cfg.storage_path, "--host", cfg.address,
+            "--storage", cfg.storage, "--host", cfg.address,
             "--port", str(cfg.server_port), "--capacity", str(cfg.capacity),
             "--cluster-key", cfg.cluster_key]  # fmt: skip
     if cfg.master_key:
@@ -214,7 +214,7 @@ def director_role(config: ConfigFile = Path("/etc/cohort/cohort.toml")) -> None:
         fail(f"{config}: [cluster] credentials is not set", "point it at a JSON file with "
              '{"access_key": ..., "secret_key": ...} readable only by cohort')  # fmt: skip
     argv = ["--id", cfg.director_id, "--coordinator", cfg.coordinator_address(),
-            "--storage", cfg.storage_path, "--credentials", cfg.credentials,
+            "--storage", cfg.storage, "--credentials", cfg.credentials,
             "--host", cfg.address, "--port", str(cfg.director_port),
             "--cluster-key", cfg.cluster_key]  # fmt: skip
     if cfg.master_key:
