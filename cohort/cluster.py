@@ -9,6 +9,14 @@ directory, and writes ``<data-dir>/cluster.json``::
      "members": [{"role": "coordinator"|"server"|"director", "id": ..., "address": ...,
                   "pid": ..., "log": ...}, ...]}
 
+Shared storage is ``<data-dir>/storage`` (a directory) unless ``storage`` names another:
+a ``rados://`` or ``s3://`` URL (cohort.storage.open_store), given to every server and
+director as ``--storage`` and written to cluster.json.  ``ceph=True`` first starts a small
+real Ceph (cohort.ceph_server.CephCluster, as ``coordinator="etcd"`` starts etcd) and puts
+the cluster on its RADOS pool, or with ``storage="s3"`` on its radosgw.  That Ceph lives in
+a temporary directory and goes when the cluster stops (``stop(keep_ceph=True)`` keeps it
+running, and ``LocalCluster(..., ceph=that_ceph)`` starts a cluster on it again).
+
 Each child prints ``READY host:port`` once it listens; the launcher waits for that line.
 Logs go to ``<data-dir>/logs/<id>.log`` as JSON lines.  Credentials are created on first
 start in ``<data-dir>/credentials.json`` (mode 0600) and reused afterwards, and so is the
@@ -88,6 +96,36 @@ def _private_append(path: Path) -> IO[bytes]:
     return os.fdopen(fd, "ab")
 
 
+CEPH_S3_BUCKET = "cohort"  # on the radosgw of a Ceph started by LocalCluster(ceph=True)
+CEPH_S3_PREFIX = "data"
+
+
+def _is_url(spec: str) -> bool:
+    head, sep, _ = spec.partition("://")
+    return bool(sep) and head.isalnum()
+
+
+def _create_rgw_bucket(endpoint: str, creds: dict[str, str], bucket: str) -> None:
+    """Create ``bucket`` on radosgw (already there and ours: fine)."""
+    import urllib.error
+    import urllib.request
+
+    from cohort.s3.sigv4 import sign_request
+
+    url = f"{endpoint}/{bucket}"
+    empty = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"  # sha256(b"")
+    headers = sign_request(
+        "PUT", url, {}, empty, creds["access_key"], creds["secret_key"], "us-east-1"
+    )
+    req = urllib.request.Request(url, data=b"", method="PUT", headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=30):
+            pass
+    except urllib.error.HTTPError as e:
+        if e.code != 409:  # BucketAlreadyOwnedByYou / BucketAlreadyExists
+            raise RuntimeError(f"cannot create bucket {bucket} on radosgw: {e}") from e
+
+
 def load_credentials(data_dir: Path) -> dict[str, str]:
     path = data_dir / "credentials.json"
     if path.exists():
@@ -125,7 +163,28 @@ class LocalCluster:
         director_args: list[str] | None = None,
         coordinator_args: list[str] | None = None,
         proxies: bool = False,
+        storage: str | None = None,
+        ceph: Any = False,
+        ceph_options: dict[str, Any] | None = None,
     ) -> None:
+        # storage: None (the directory <data-dir>/storage), a directory, or a rados:// or
+        # s3:// URL; with ceph, None or "rados" (its pool) or "s3" (its radosgw).
+        # ceph: False, True (start a CephCluster with ceph_options, stop it with the
+        # cluster), or a running CephCluster to use (never stopped here).
+        if ceph:
+            if storage not in (None, "rados", "s3"):
+                raise ValueError('with ceph, storage is None or "rados" (its pool) or "s3"')
+        elif storage in ("rados", "s3"):
+            raise ValueError(
+                f"storage={storage!r} needs ceph=True (a Ceph started here), or a whole URL"
+            )
+        self.storage_arg = storage
+        self.use_ceph = bool(ceph)
+        self.ceph: Any = None if isinstance(ceph, bool) else ceph
+        self.own_ceph = isinstance(ceph, bool)
+        self.ceph_options = dict(ceph_options or {})
+        if storage == "s3":
+            self.ceph_options["rgw"] = True
         # proxies=True: a FaultProxy (cohort.chaos) in front of every server and of the
         # embedded coordinator; servers advertise their proxy, and every member dials the
         # coordinator's, so director->server, server->server (DLM) and member->coordinator
@@ -159,6 +218,27 @@ class LocalCluster:
     @property
     def storage(self) -> Path:
         return self.data_dir / "storage"
+
+    @property
+    def storage_spec(self) -> str:
+        """What servers and directors get as ``--storage`` (and cluster.json says)."""
+        if self.use_ceph:
+            if self.ceph is None:
+                raise RuntimeError("the cluster's Ceph is not started yet")
+            if self.storage_arg == "s3":
+                creds = self.data_dir / "ceph-s3.json"
+                return (
+                    f"s3://{CEPH_S3_BUCKET}/{CEPH_S3_PREFIX}?endpoint={self.ceph.s3_endpoint}"
+                    f"&credentials={creds}"
+                )
+            return str(self.ceph.rados_url())
+        if self.storage_arg:
+            return self.storage_arg
+        return str(self.storage)
+
+    @property
+    def local_storage(self) -> bool:
+        return not self.use_ceph and not _is_url(self.storage_arg or "")
 
     @property
     def master_key_path(self) -> Path:
@@ -219,25 +299,40 @@ class LocalCluster:
         logs = self.data_dir / "logs"
         _private_dir(logs)
         proc.log = str(logs / f"{proc.id}.log")
+        stderr_path = logs / f"{proc.id}.stderr"
+        stderr_start = stderr_path.stat().st_size if stderr_path.exists() else 0
         proc.popen = subprocess.Popen(
             [self.python, "-m", *proc.args, "--log-file", proc.log],
             stdout=subprocess.PIPE,
-            stderr=_private_append(logs / f"{proc.id}.stderr"),
+            stderr=_private_append(stderr_path),
             stdin=subprocess.DEVNULL,
             env=self.env,
             start_new_session=True,  # Ctrl-C in a terminal reaches the launcher only
             umask=0o077,
         )
-        proc.address = _read_ready(proc.popen, proc.id, timeout)
+        try:
+            proc.address = _read_ready(proc.popen, proc.id, timeout)
+        except RuntimeError as e:
+            # what the child said on the way out (a storage error, a traceback)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.popen.wait(2)
+            with contextlib.suppress(OSError):
+                said = stderr_path.read_bytes()[stderr_start:][-1500:].decode(errors="replace")
+                if said.strip():
+                    raise RuntimeError(f"{e}; stderr: {said.strip()}") from None
+            raise
 
     def start(self) -> LocalCluster:
         # data, logs, SQLite and secrets are the cluster's alone: the directories are
         # 0700 here and every child runs with umask 077
         _private_dir(self.data_dir)
-        _private_dir(self.storage)
+        if self.local_storage:
+            _private_dir(Path(self.storage_spec))
         self.creds = load_credentials(self.data_dir)
         load_or_create_master_key(self.master_key_path)
         ClusterKey.create_file(self.cluster_key_path)
+        if self.use_ceph:
+            self._start_ceph()
         if self.coordinator == "etcd":
             from cohort.etcd_server import EtcdCluster
 
@@ -270,6 +365,22 @@ class LocalCluster:
         if self.use_proxies:
             self._proxy("coordinator", coord.address)
         return self._start_members()
+
+    def _start_ceph(self) -> None:
+        """Start the cluster's own Ceph (unless given one), and radosgw's bucket for s3."""
+        if self.ceph is None:
+            from cohort.ceph_server import CephCluster
+
+            opts = {"osds": 1, "objectstore": "memstore", **self.ceph_options}
+            timeout = float(opts.pop("timeout", 120.0))
+            self.ceph = CephCluster(**opts).start(timeout=timeout)
+        if self.storage_arg == "s3":
+            creds = self.ceph.s3_credentials
+            path = self.data_dir / "ceph-s3.json"
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                json.dump(creds, f)
+            _create_rgw_bucket(self.ceph.s3_endpoint, creds, CEPH_S3_BUCKET)
 
     def _start_members(self) -> LocalCluster:
         for i in range(1, self.n_servers + 1):
@@ -305,7 +416,7 @@ class LocalCluster:
                 "--coordinator",
                 self.coordinator_address,
                 "--storage",
-                str(self.storage),
+                self.storage_spec,
                 "--host",
                 self.host,
                 "--capacity",
@@ -340,7 +451,7 @@ class LocalCluster:
                 "--coordinator",
                 self.coordinator_address,
                 "--storage",
-                str(self.storage),
+                self.storage_spec,
                 "--credentials",
                 str(self.data_dir / "credentials.json"),
                 "--master-key",
@@ -419,7 +530,7 @@ class LocalCluster:
             "secret_key": self.creds["secret_key"],
             "region": self.creds.get("region", "us-east-1"),
             "data_dir": str(self.data_dir),
-            "storage": str(self.storage),
+            "storage": self.storage_spec,
             "coordinator": self.coordinator_address,
             "cluster_key": str(self.cluster_key_path),
             "partitions": self.partitions,
@@ -447,14 +558,22 @@ class LocalCluster:
                 for m in (self.etcd.members if self.etcd is not None else [])
             ],
         }
+        if self.ceph is not None:
+            doc["ceph"] = {
+                "rados_url": self.ceph.rados_url(),
+                "conf": str(self.ceph.conf_path),
+                "s3_endpoint": self.ceph.s3_endpoint if self.ceph.rgw_port else "",
+                "osds": sorted(self.ceph.osds),
+            }
         tmp = self.cluster_json.with_suffix(".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
             json.dump(doc, f, indent=2)
         os.replace(tmp, self.cluster_json)
 
-    def stop(self, timeout: float = 15.0) -> None:
-        """SIGTERM directors, then servers, then the coordinator; SIGKILL stragglers."""
+    def stop(self, timeout: float = 15.0, *, keep_ceph: bool = False) -> None:
+        """SIGTERM directors, then servers, then the coordinator; SIGKILL stragglers; then
+        the Ceph this cluster started (unless ``keep_ceph``)."""
         order = [p for p in self.procs.values() if p.role == "director"]
         order += [p for p in self.procs.values() if p.role == "server"]
         order += [p for p in self.procs.values() if p.role == "coordinator"]
@@ -488,6 +607,9 @@ class LocalCluster:
         if self._ploop is not None:
             self._ploop.stop()
             self._ploop = None
+        if self.ceph is not None and self.own_ceph and not keep_ceph:
+            self.ceph.stop()
+            self.ceph = None
 
     # -- fault injection helpers (tests, chaos) ------------------------------------------
     def signal(self, member_id: str, sig: int) -> None:

@@ -67,20 +67,56 @@ def up(
     partitions: Annotated[int, typer.Option(help="Virtual partitions (fixed at creation).")] = 256,
     lease_ttl: Annotated[float, typer.Option(help="Server lease, seconds.")] = 2.5,
     host: Annotated[str, typer.Option(help="Address every process binds.")] = "127.0.0.1",
+    storage: Annotated[
+        str | None,
+        typer.Option(
+            help="Shared storage: a directory (default DATA_DIR/storage), "
+            "rados://POOL[/NS]?conf=FILE&keyring=FILE&id=NAME, or "
+            "s3://BUCKET/PREFIX?endpoint=URL&credentials=FILE; with --ceph: rados or s3.",
+        ),
+    ] = None,
+    ceph: Annotated[
+        bool,
+        typer.Option(
+            "--ceph",
+            help="Start a small Ceph here first (1 monitor, --ceph-osds OSDs, radosgw for "
+            "--storage s3) and keep the data on it. It is temporary: it goes at Ctrl-C.",
+        ),
+    ] = False,
+    ceph_osds: Annotated[int, typer.Option(help="OSDs of the --ceph Ceph (pool size ≤ 3).")] = 3,
 ) -> None:
     """Start a whole local cluster: coordinator, servers and a director (Ctrl-C stops it)."""
     from cohort.cluster import LocalCluster
 
-    cluster = LocalCluster(
-        data_dir,
-        port=port,
-        servers=servers,
-        partitions=partitions,
-        lease_ttl=lease_ttl,
-        host=host,
-        standby=standby,
-        failback=failback,
-    )
+    if ceph and storage not in (None, "rados", "s3"):
+        fail(
+            f"--ceph starts its own Ceph; --storage {storage!r} names another store",
+            "use --ceph alone (RADOS), --ceph --storage s3 (its radosgw), or --storage URL",
+        )
+    if not ceph and storage in ("rados", "s3"):
+        fail(
+            f"--storage {storage} needs a whole URL, or --ceph to start a Ceph here",
+            "e.g. --storage 'rados://cohort?conf=/etc/ceph/ceph.conf', or add --ceph",
+        )
+    try:
+        cluster = LocalCluster(
+            data_dir,
+            port=port,
+            servers=servers,
+            partitions=partitions,
+            lease_ttl=lease_ttl,
+            host=host,
+            standby=standby,
+            failback=failback,
+            storage=storage,
+            ceph=ceph,
+            ceph_options={"osds": ceph_osds, "objectstore": "bluestore"},
+        )
+    except ValueError as e:
+        fail(str(e))
+        return
+    if ceph:
+        console.print(f"starting a Ceph ({ceph_osds} bluestore OSDs)…")
     try:
         cluster.start()
     except OSError as e:
@@ -95,6 +131,14 @@ def up(
     console.print(f"  secret key: {doc['secret_key']}")
     console.print(f"  region:     {doc['region']}")
     console.print(f"  data:       {cluster.data_dir}   (cluster.json, logs/)")
+    if not cluster.local_storage:
+        from cohort.storage import redact
+
+        console.print(f"  storage:    {redact(doc['storage'])}")
+    if cluster.ceph is not None:
+        console.print(
+            f"  ceph:       {cluster.ceph.conf_path}   [yellow](temporary: removed at Ctrl-C)[/]"
+        )
     console.print(f"  dashboard:  {doc['s3_endpoint']}/_cohort/dashboard   (sign in with the keys)")
     for m in doc["members"]:
         console.print(f"  {m['role']:<12} {m['id']:<12} {m['address']:<22} pid {m['pid']}")
