@@ -8,16 +8,22 @@ already a dependency.  Streaming watches work over it as newline-delimited JSON.
 
 Keys (``<ns>`` is the cluster namespace from the address, default ``default``)::
 
-    /cohort/<ns>/v/config          {cluster_id, partitions, lease_ttl}   created once
-    /cohort/<ns>/v/map             {owners, epochs, incs}                 written by the primary only
+    /cohort/<ns>/v/config          {cluster_id, partitions, lease_ttl, rules}   created once
+    /cohort/<ns>/v/map             what the rules decided: {owners, epochs, incs, homes, dlm,
+                                   members (state, standby), load}   written by the primary only
     /cohort/<ns>/v/members/<id>    member record, attached to the member's lease
     /cohort/<ns>/v/roster/<id>     the same record without a lease (remembers dead/left members)
     /cohort/<ns>/v/locks/<pppp>    {id, inc, epoch} attached to the holder's lease
     /cohort/<ns>/v/buckets/<name>  {name, id, created, tenant}
     /cohort/<ns>/v/primary         the elected primary's name, attached to its lease
+    /cohort/<ns>/s/state           the rule engine's state (CoordinatorState.snapshot), primary only
+    /cohort/<ns>/x/load/<id>       a server's recent load reports, on its lease
+    /cohort/<ns>/x/req/<rid>       an operator request (set_state), on a short lease
+    /cohort/<ns>/x/res/<rid>       the primary's answer to it, on the same lease
     /cohort/<ns>/e/<time>-<rand>   events (outside ``v/`` so they do not wake watchers)
 
-Semantics, as in :mod:`cohort.coord.state`:
+One rule engine: this module stores :class:`~cohort.coord.state.CoordinatorState` and
+elects the one process that steps it; it decides nothing itself.
 
 * **Membership.** ``join`` grants an etcd lease of ``lease_ttl`` seconds (whole seconds,
   at least 2 with etcd's default election timeout) and writes the member key on it; a
@@ -25,19 +31,27 @@ Semantics, as in :mod:`cohort.coord.state`:
   partition locks vanish with it).  ``heartbeat`` is a lease keep-alive; once etcd has
   expired the lease it raises ``UnknownMember``.  A server counts its lease from when it
   *sent* the keep-alive that succeeded, so it self-fences before etcd can expire it.
-* **Partition map and the primary.** One process at a time is the *primary* (seed 004):
-  it wins the election by creating ``v/primary`` on its own lease, and every map write
-  is a transaction guarded by ``create_revision(v/primary) == mine`` and
-  ``mod_revision(v/map) == the one I read``.  So two primaries can never both write,
-  and a primary never overwrites a map it has not seen.  The primary runs the same
-  assignment as the embedded coordinator (:meth:`CoordinatorState.rebalance`); an owner
-  whose member key is gone (lease expired or revoked) or whose incarnation changed loses
-  its partitions with a new epoch.
+  The leases are the safety mechanism and stay in etcd; the rules learn of them from
+  the keys (:meth:`CoordinatorState.sync_members`).
+* **The primary steps the rules.** One process at a time is the *primary* (seed 004): it
+  wins the election by creating ``v/primary`` on its own lease.  It keeps a
+  :class:`CoordinatorState` restored from ``s/state`` and, at every change it sees (and
+  every ``STEP_PERIOD``), folds in what etcd shows -- member keys appearing (joins) and
+  vanishing (a lease expired: the member is dead, its partitions get new epochs; or it
+  left), ``set_state`` requests, load reports, buckets -- runs ``tick`` with its clock
+  (assignment, standby take-over and failback windows, capacity schedules, load moves),
+  and writes ``s/state``, ``v/map``, the answers and the events in one transaction
+  guarded by ``create_revision(v/primary) == mine`` and the mod revisions of the
+  documents it continues.  So two primaries never both write, and a primary never
+  overwrites a state it has not seen.  Everyone else only watches.
+* **The rules' settings** (failback policy, capacity schedule, load policy) come from
+  the address (:func:`rules_from_options`) of the client that creates ``v/config``,
+  and are kept there, so every primary applies the same ones.
 * **Partition lock.** ``acquire_partition`` is a transaction that checks, at one
-  revision, that the member is live with this incarnation, that the map names it owner
-  and that no other holder's lock key exists (a lock key lives on its holder's lease, so
-  it exists only until the holder released it or its lease died); the token is the
-  partition's epoch.
+  revision, that the member is live with this incarnation, that the map names it (this
+  incarnation) owner and that no other holder's lock key exists (a lock key lives on its
+  holder's lease, so it exists only until the holder released it or its lease died); the
+  token is the partition's epoch.
 * **Watches.** Each client keeps one streaming etcd watch on ``v/`` and a local copy of
   those keys (an informer); ``watch(since)`` returns as soon as that copy's revision
   exceeds ``since``.  The view's ``version`` is an etcd revision.  The stream's endpoint is
@@ -77,14 +91,28 @@ import ssl
 import stat
 import time
 import uuid
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import aiohttp
+import msgspec
 
-from cohort.coord.state import CoordinatorState, Member, Partition
+from cohort.coord.state import (
+    Bucket,
+    CapacityRule,
+    Clock,
+    CoordinatorError,
+    CoordinatorState,
+    IdFactory,
+    LoadPolicy,
+    Member,
+    bucket_taken,
+    check_failback,
+    random_id,
+    system_clock,
+)
 from cohort.rpc import RpcConnectionError, RpcError, RpcTimeout
 
 log = logging.getLogger("cohort.coord.etcd")
@@ -589,6 +617,7 @@ class Informer:
         self.loaded = False
         self.healthy_at = 0.0  # monotonic time the stream's endpoint last proved healthy
         self.changed = asyncio.Condition()
+        self.listeners: list[asyncio.Event] = []  # set on every change
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -603,6 +632,8 @@ class Informer:
             self._task = None
 
     async def _notify(self) -> None:
+        for ev in self.listeners:
+            ev.set()
         async with self.changed:
             self.changed.notify_all()
 
@@ -682,11 +713,15 @@ class Informer:
 
 # -- view building (shared by view() and watch()) -------------------------------------------------
 def build_view(prefix: str, revision: int, kvs: dict[str, KV]) -> dict[str, Any]:
+    """The view from a copy of ``v/``: members from their keys (live) and the roster (gone),
+    with the states and standby flags the rules decided (``members`` in the map); the
+    partitions, the lock managers' membership and the load-move count from the map."""
     cfg_kv = kvs.get(prefix + "config")
     cfg = cfg_kv.doc() if cfg_kv else {}
     n = int(cfg.get("partitions", 0))
     map_kv = kvs.get(prefix + "map")
     mp: dict[str, Any] = map_kv.doc() if map_kv else {"owners": [None] * n, "epochs": [0] * n}
+    decided: dict[str, dict[str, Any]] = mp.get("members") or {}
     holders: list[str | None] = [None] * n
     live: dict[str, dict[str, Any]] = {}
     roster: dict[str, dict[str, Any]] = {}
@@ -705,26 +740,33 @@ def build_view(prefix: str, revision: int, kvs: dict[str, KV]) -> dict[str, Any]
             buckets.append(kv.doc())
     members = []
     for mid in sorted(set(roster) | set(live)):
-        m = live.get(mid)
-        if m is None:
-            m = dict(roster[mid])
-            if m.get("state") != "left":
-                m["state"] = "dead"
+        rec = live.get(mid)
+        m = dict(rec if rec is not None else roster[mid])
+        d = decided.get(mid)
+        mine = d is not None and d.get("inc") == m.get("incarnation")
+        if rec is not None:
+            if mine:  # else: joined a moment ago, not yet folded into the rules
+                assert d is not None
+                m["state"], m["standby"] = d["state"], d["standby"]
+        elif mine and d is not None and d["state"] in ("dead", "left"):
+            m["state"] = d["state"]
+        elif m.get("state") != "left":
+            m["state"] = "dead"  # its lease is gone
         members.append(m)
-    return {
+    view: dict[str, Any] = {
         "version": revision,
         "cluster_id": cfg.get("cluster_id", ""),
         "lease_ttl": float(cfg.get("lease_ttl", DEFAULT_LEASE_TTL)),
         "members": members,
         "partitions": [[mp["owners"][p], mp["epochs"][p], holders[p]] for p in range(n)],
-        # the lock managers' membership, published by the primary with the map
-        **(
-            {"membership_epoch": mp["dlm"]["epoch"], "dlm_members": mp["dlm"]["members"]}
-            if mp.get("dlm")
-            else {}
-        ),
         "buckets": sorted(buckets, key=lambda b: b["name"]),
     }
+    if mp.get("dlm"):  # the lock managers' membership, published by the primary
+        view["membership_epoch"] = mp["dlm"]["epoch"]
+        view["dlm_members"] = mp["dlm"]["members"]
+    if "load" in mp:
+        view["load"] = mp["load"]
+    return view
 
 
 def _cmp_mod(key: str, rev: int) -> dict[str, Any]:
@@ -755,14 +797,76 @@ def _kvs_of(responses: list[dict[str, Any]], i: int) -> KV | None:
     return KV.from_json(kvs[0]) if kvs else None
 
 
+# -- the rules' settings, from the address into v/config ------------------------------------------
+_LOAD_OPTIONS: tuple[tuple[str, Callable[[str], Any]], ...] = (
+    ("threshold", float),
+    ("ticks", int),
+    ("period", float),
+    ("max_moves", int),
+    ("cooldown", float),
+    ("min_rate", float),
+    ("stale", float),
+    ("smoothing", float),
+)
+
+
+def rules_from_options(opts: dict[str, str]) -> dict[str, Any]:
+    """The settings of the rules an address may carry: ``failback`` (immediate, never,
+    HH-HH), ``capacity_schedule`` (comma-separated ``PATTERN@HH-HH=CAPACITY``),
+    ``load_balance=0`` and ``load_<field>`` of :class:`LoadPolicy`.  They are recorded in
+    ``v/config`` by whichever client creates it, so every primary applies the same rules."""
+    rules: dict[str, Any] = {}
+    if opts.get("failback"):
+        check_failback(opts["failback"])
+        rules["failback"] = opts["failback"]
+    sched = [r.strip() for r in opts.get("capacity_schedule", "").split(",") if r.strip()]
+    for r in sched:
+        CapacityRule.parse(r)
+    if sched:
+        rules["capacity_schedule"] = sched
+    load: dict[str, Any] = {}
+    if "load_balance" in opts:
+        load["enabled"] = opts["load_balance"].lower() not in _FALSE
+    for name, conv in _LOAD_OPTIONS:
+        if f"load_{name}" in opts:
+            load[name] = conv(opts[f"load_{name}"])
+    if load:
+        rules["load"] = load
+    return rules
+
+
+# -- load reports: a server's heartbeats carry them, a key on its lease delivers them -------------
+LOAD_FLUSH = 1.0  # seconds between a server's load writes
+LOAD_QUIET = 10  # empty reports still written promptly once load stops (the rates decay to ~0)
+LOAD_IDLE_REFRESH = 5.0  # an idle server writes this often (within LoadPolicy.stale)
+LOAD_KEEP = 50  # reports kept per write at most
+
+
+@dataclass
+class _LoadOut:
+    incarnation: str
+    lease: int
+    reports: list[Any] = field(default_factory=list)
+    flushed_at: float = -1e18
+    quiet: int = 0  # empty reports written since the last one with load
+    task: asyncio.Task[None] | None = None
+
+
+REQUEST_TTL = 15  # seconds an unanswered operator request lives
+STEP_PERIOD = 0.25  # the primary steps the rules at least this often (windows, schedules)
+COMPACT_PERIOD = 300.0  # the primary compacts etcd's history to what it was this long ago
+MAX_TXN_OPS = 120  # etcd's --max-txn-ops is 128 by default
+
+
 # -- the coordinator ---------------------------------------------------------------------------------
 class EtcdCoordinator:
     """A :class:`~cohort.coord.base.Coordinator` whose state lives in etcd.
 
-    ``campaign``: whether this process stands for election as the primary (which runs
-    partition assignment).  By default a process stands once it joins as a server, so a
-    cluster of servers needs no extra process; ``cohort coordinator`` with an etcd
-    address runs a dedicated candidate (:meth:`run_primary`).
+    ``campaign``: whether this process stands for election as the primary (which steps
+    the rules).  By default a process stands once it joins as a server, so a cluster of
+    servers needs no extra process; ``cohort coordinator`` with an etcd address runs a
+    dedicated candidate (:meth:`run_primary`).  ``clock`` (wall time) and ``new_id`` are
+    injected into the rule engine when this process is the primary.
     """
 
     def __init__(
@@ -773,6 +877,8 @@ class EtcdCoordinator:
         partitions: int | None = None,
         lease_ttl: int | None = None,
         name: str | None = None,
+        clock: Clock = system_clock,
+        new_id: IdFactory = random_id,
     ) -> None:
         endpoints, ns, opts = parse_address(address)
         self.address = address
@@ -780,16 +886,37 @@ class EtcdCoordinator:
         self.client = EtcdClient(endpoints, credentials=EtcdCredentials.from_options(opts))
         self.prefix = f"/cohort/{ns}/v/"
         self.events_prefix = f"/cohort/{ns}/e/"
+        self.xprefix = f"/cohort/{ns}/x/"
+        self.state_key = f"/cohort/{ns}/s/state"
         self.partitions = int(partitions or opts.get("partitions") or DEFAULT_PARTITIONS)
         self.lease_ttl = math.ceil(float(lease_ttl or opts.get("lease_ttl") or DEFAULT_LEASE_TTL))
+        self.rules_options = rules_from_options(opts)
         self.campaign = campaign if campaign is not None else opts.get("campaign", "1") != "0"
         self.name = name or f"{os.uname().nodename}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.clock = clock
+        self.new_id = new_id
         self.informer = Informer(self.client, self.prefix)
         self._config: dict[str, Any] | None = None
         self._leases: dict[tuple[str, str], int] = {}
+        self._load_out: dict[str, _LoadOut] = {}
         self._primary_task: asyncio.Task[None] | None = None
         self.is_primary = False
         self.primary_writes = 0
+        # the primary's side: the rule engine and what it has taken in and written
+        self.x_informer = Informer(self.client, self.xprefix)
+        self._wake = asyncio.Event()
+        self.informer.listeners.append(self._wake)
+        self.x_informer.listeners.append(self._wake)
+        self.rules: CoordinatorState | None = None
+        self._loaded_at = 0  # the revision of the documents the rules were loaded from
+        self._state_rev = 0  # mod_revision of the state document the rules continue
+        self._map_rev = 0  # ... and of the map
+        self._written_version = -1  # rules.version last written
+        self._events_sent = 0  # rules.event_seq last written
+        self._answered: dict[str, int] = {}  # request key -> mod_revision answered
+        self._load_seen: dict[str, int] = {}  # load key -> mod_revision taken in
+        self._compact_rev = 0
+        self._compact_next = 0.0
 
     def k(self, rest: str) -> str:
         return self.prefix + rest
@@ -808,6 +935,7 @@ class EtcdCoordinator:
                 "cluster_id": uuid.uuid4().hex,
                 "partitions": self.partitions,
                 "lease_ttl": self.lease_ttl,
+                "rules": self.rules_options,
             }
             ok, _, resp = await self.client.txn(
                 [_cmp_create(key, 0)], [_put(key, want)], [_range(key)]
@@ -824,13 +952,15 @@ class EtcdCoordinator:
         with contextlib.suppress(RpcError):
             await self.client.call("/kv/put", self._event_put(kind, detail)["request_put"])
 
-    def _event_put(self, kind: str, detail: str) -> dict[str, Any]:
-        now = time.time()
-        key = f"{self.events_prefix}{int(now * 1e6):020d}-{random.getrandbits(32):08x}"
-        return _put(key, {"time": now, "kind": kind, "detail": detail})
+    def _event_put(self, kind: str, detail: str, at: float | None = None) -> dict[str, Any]:
+        t = time.time() if at is None else at
+        key = f"{self.events_prefix}{int(t * 1e6):020d}-{random.getrandbits(32):08x}"
+        return _put(key, {"time": t, "kind": kind, "detail": detail})
 
     # -- membership -----------------------------------------------------------------------
     async def join(self, member: dict[str, Any]) -> dict[str, Any]:
+        """Write the member's record on a new lease; the primary folds the join into the
+        rules (new epochs, assignment) when it sees the key."""
         cfg = await self.config()
         ttl = int(cfg["lease_ttl"])
         mid = str(member["id"])
@@ -855,14 +985,7 @@ class EtcdCoordinator:
             "joined_at": time.time(),
             "meta": member.get("meta") or {},
         }
-        await self.client.txn(
-            [],
-            [
-                _put(key, rec, lease),
-                _put(self.k(f"roster/{mid}"), rec),
-                self._event_put("join", f"{role} {mid} at {rec['address']}"),
-            ],
-        )
+        await self.client.txn([], [_put(key, rec, lease), _put(self.k(f"roster/{mid}"), rec)])
         self._leases[(mid, incarnation)] = lease
         if role == "server" and self.campaign:
             self.start_primary()
@@ -889,14 +1012,41 @@ class EtcdCoordinator:
     async def heartbeat(
         self, member_id: str, incarnation: str, load: list[list[float]] | None = None
     ) -> dict[str, Any]:
-        """Keep the member's lease alive.  ``load`` is accepted and ignored (load-aware
-        rebalancing runs in the embedded coordinator only, for now)."""
+        """Keep the member's lease alive.  ``load`` (per-partition rates) is passed on to
+        the primary's rules: written with the reports since the last write, at most once
+        a second, to ``x/load/<id>`` on the member's lease, in the background."""
         lease = await self._lease_of(member_id, incarnation)
         ttl, rev = await self.client.lease_keepalive(lease, timeout=1.0)
         if ttl <= 0:
             self._leases.pop((member_id, incarnation), None)
             raise RpcError("UnknownMember", f"{member_id} is not a live member; re-join")
+        if load is not None:
+            self._queue_load(member_id, incarnation, lease, load)
         return {"version": rev}
+
+    def _queue_load(self, member_id: str, incarnation: str, lease: int, load: Any) -> None:
+        out = self._load_out.get(member_id)
+        if out is None or out.incarnation != incarnation:
+            out = self._load_out[member_id] = _LoadOut(incarnation, lease)
+        out.reports.append(load)
+        del out.reports[:-LOAD_KEEP]
+        now = time.monotonic()
+        if (out.task is not None and not out.task.done()) or now - out.flushed_at < LOAD_FLUSH:
+            return
+        busy = any(out.reports)
+        if not busy and out.quiet >= LOAD_QUIET and now - out.flushed_at < LOAD_IDLE_REFRESH:
+            return  # idle, and the primary knows it: refresh now and then only
+        reports, out.reports = out.reports, []
+        trailing = next((i for i, r in enumerate(reversed(reports)) if r), len(reports))
+        out.quiet = trailing if busy else out.quiet + len(reports)
+        out.flushed_at = now
+        doc = {"inc": incarnation, "reports": reports}
+        put = _put(self.xprefix + f"load/{member_id}", doc, lease)["request_put"]
+        out.task = asyncio.create_task(self._put_quietly(put))
+
+    async def _put_quietly(self, put: dict[str, Any]) -> None:
+        with contextlib.suppress(RpcError):
+            await self.client.call("/kv/put", put, timeout=1.0)
 
     async def leave(self, member_id: str, incarnation: str) -> None:
         kv = await self._member(member_id)
@@ -905,38 +1055,39 @@ class EtcdCoordinator:
         rec = kv.doc()
         rec["state"] = "left"
         await self.client.txn(
-            [_cmp_mod(kv.key, kv.mod_revision)],
-            [_put(self.k(f"roster/{member_id}"), rec), self._event_put("member-left", member_id)],
+            [_cmp_mod(kv.key, kv.mod_revision)], [_put(self.k(f"roster/{member_id}"), rec)]
         )
         await self.client.lease_revoke(kv.lease)
         self._leases.pop((member_id, incarnation), None)
 
-    async def set_state(self, member_id: str, state: str) -> dict[str, Any]:
-        for _ in range(20):
-            kv = await self._member(member_id)
-            if kv is None:
-                _, ros = await self.client.get(self.k(f"roster/{member_id}"))
-                if ros is not None and ros.doc().get("role") == "server":
-                    gone = "left" if ros.doc().get("state") == "left" else "dead"
-                    raise RpcError("MemberDown", f"{member_id} is {gone}")
-                raise RpcError("UnknownMember", f"no server named {member_id!r}")
-            rec = kv.doc()
-            if rec.get("role") != "server":
-                raise RpcError("UnknownMember", f"no server named {member_id!r}")
-            if state not in ("alive", "draining"):
-                raise RpcError("InvalidState", f"unknown member state {state!r}")
-            rec["state"] = state
-            ok, _, _ = await self.client.txn(
-                [_cmp_mod(kv.key, kv.mod_revision)],
-                [
-                    _put(kv.key, rec, kv.lease),
-                    _put(self.k(f"roster/{member_id}"), rec),
-                    self._event_put("drain" if state == "draining" else "undrain", member_id),
-                ],
-            )
-            if ok:
-                return rec
-        raise RpcError("Conflict", f"member {member_id} changed too often")
+    async def set_state(
+        self, member_id: str, state: str, *, timeout: float = 10.0
+    ) -> dict[str, Any]:
+        """Operator action (``draining``, ``alive``, ``standby``, ``active``): a request key
+        that the primary answers after applying it to the rules (in the same transaction
+        as the map it produces).  ``Timeout`` if no primary answers within ``timeout``."""
+        rid = uuid.uuid4().hex
+        lease, _ = await self.client.lease_grant(max(REQUEST_TTL, math.ceil(timeout) + 5))
+        res_key = self.xprefix + f"res/{rid}"
+        try:
+            req = {"op": "set_state", "id": member_id, "state": state}
+            await self.client.txn([], [_put(self.xprefix + f"req/{rid}", req, lease)])
+            deadline = time.monotonic() + timeout
+            while True:
+                _, kv = await self.client.get(res_key)
+                if kv is not None:
+                    res = kv.doc()
+                    break
+                if time.monotonic() > deadline:
+                    raise RpcTimeout(f"set_state {member_id} {state}: no primary answered")
+                await asyncio.sleep(0.02)
+        finally:
+            with contextlib.suppress(RpcError):
+                await self.client.lease_revoke(lease)
+        if not res.get("ok"):
+            raise RpcError(str(res.get("code")), str(res.get("message", "")))
+        member: dict[str, Any] = res["member"]
+        return member
 
     # -- views ----------------------------------------------------------------------------------
     async def view(self) -> dict[str, Any]:
@@ -952,6 +1103,9 @@ class EtcdCoordinator:
 
     # -- partition lock --------------------------------------------------------------------------
     async def acquire_partition(self, member_id: str, incarnation: str, partition: int) -> int:
+        """A transaction that checks, at one revision, that this incarnation is live, that
+        the map names it (this incarnation) owner and that no other holder's lock key
+        exists, then writes the lock key on the member's lease; the token is the epoch."""
         mkey, lkey, mapkey = (
             self.k(f"members/{member_id}"),
             self.k(f"locks/{partition:04d}"),
@@ -967,6 +1121,11 @@ class EtcdCoordinator:
             if owner != member_id:
                 raise RpcError("NotOwner", f"partition {partition} is assigned to {owner}")
             assert mp is not None and mapkv is not None
+            inc = (mp.get("incs") or [None] * (partition + 1))[partition]
+            if inc is not None and inc != incarnation:
+                # the map still names the previous incarnation (its epoch): wait for the
+                # primary to fold in the re-join, which gives the partition a new epoch
+                raise RpcError("NotOwner", f"partition {partition} is assigned to {owner}~{inc}")
             epoch = int(mp["epochs"][partition])
             if lkv is not None:
                 h = lkv.doc()
@@ -999,6 +1158,8 @@ class EtcdCoordinator:
 
     # -- buckets -------------------------------------------------------------------------------
     async def create_bucket(self, name: str, tenant: str = "default") -> dict[str, Any]:
+        """Created by a transaction on the bucket's key (so a name is taken exactly once);
+        the rules' bucket-name rule decides the error; the primary mirrors the keys."""
         key = self.k(f"buckets/{name}")
         b = {"name": name, "id": uuid.uuid4().hex[:16], "created": time.time(), "tenant": tenant}
         ok, _, resp = await self.client.txn(
@@ -1009,9 +1170,8 @@ class EtcdCoordinator:
         if ok:
             return b
         kv = _kvs_of(resp, 0)
-        if kv is not None and kv.doc().get("tenant") == tenant:
-            raise RpcError("BucketAlreadyOwnedByYou", name)
-        raise RpcError("BucketAlreadyExists", name)
+        e = bucket_taken(kv.doc() if kv is not None else {}, name, tenant)
+        raise RpcError(e.code, e.message)
 
     async def delete_bucket(self, name: str, bucket_id: str) -> None:
         key = self.k(f"buckets/{name}")
@@ -1029,13 +1189,13 @@ class EtcdCoordinator:
         _, kvs = await self.client.range_prefix(self.events_prefix)
         return [kv.doc() for kv in kvs[-500:]]
 
-    # -- the primary ----------------------------------------------------------------------------
+    # -- the primary: election ------------------------------------------------------------------
     def start_primary(self) -> None:
         if self._primary_task is None:
             self._primary_task = asyncio.create_task(self.run_primary())
 
     async def run_primary(self) -> None:
-        """Stand for election forever; while elected, keep the partition map assigned."""
+        """Stand for election forever; while elected, step the rules."""
         while True:
             try:
                 await self._campaign_and_lead()
@@ -1046,6 +1206,7 @@ class EtcdCoordinator:
                 await asyncio.sleep(0.2)
             finally:
                 self.is_primary = False
+                self.rules = None
 
     async def _campaign_and_lead(self) -> None:
         cfg = await self.config()
@@ -1072,6 +1233,7 @@ class EtcdCoordinator:
         ka = asyncio.create_task(keepalive())
         pkey = self.k("primary")
         self.informer.start()
+        self.x_informer.start()
         try:
             # campaign: create v/primary on our lease, or wait for it to vanish
             while not lost.is_set():
@@ -1087,106 +1249,279 @@ class EtcdCoordinator:
             else:
                 return
             self.is_primary = True
+            self.rules = None
             log.info("%s is the primary (revision %d)", self.name, my_rev)
             await self._event("primary", self.name)
             while not lost.is_set() and time.monotonic() < deadline[0]:
-                since = self.informer.revision
+                self._wake.clear()
                 if self.informer.loaded and self.informer.revision >= my_rev:
                     cur = self.informer.kvs.get(pkey)
                     if cur is None or cur.create_revision != my_rev:
                         log.warning("%s lost the primary key", self.name)
                         return
-                    await self._assign_once(my_rev)
-                await self.informer.wait_newer(since, 0.5)
+                    await self._step(my_rev)
+                    await self._maybe_compact()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), STEP_PERIOD)
             log.warning("%s stops being primary (lease lost)", self.name)
         finally:
             self.is_primary = False
+            self.rules = None
             ka.cancel()
             with contextlib.suppress(BaseException):
                 await ka
             with contextlib.suppress(Exception):
                 await self.client.lease_revoke(lease)
 
-    async def _assign_once(self, my_rev: int) -> bool:
-        """Compute the assignment from the informer's copy and write it if it changed."""
-        cfg = await self.config()
-        n = int(cfg["partitions"])
-        kvs = self.informer.kvs
-        mapkv = kvs.get(self.k("map"))
-        empty: dict[str, Any] = {"owners": [None] * n, "epochs": [0] * n, "incs": [None] * n}
-        mp: dict[str, Any] = mapkv.doc() if mapkv else empty
-        owners: list[str | None] = list(mp["owners"])
-        epochs: list[int] = [int(e) for e in mp["epochs"]]
-        incs: list[str | None] = list(mp.get("incs") or [None] * n)
-        live: dict[str, dict[str, Any]] = {}
-        for key, kv in kvs.items():
-            if key.startswith(self.k("members/")):
-                rec = kv.doc()
-                live[rec["id"]] = rec
-        state = CoordinatorState(n, float(cfg["lease_ttl"]))
-        state.members = {
-            mid: Member(
-                id=mid,
-                role=r["role"],
-                address=r["address"],
-                incarnation=r["incarnation"],
-                lease_expiry=math.inf,
-                state=r.get("state", "alive"),
-                capacity=float(r.get("capacity", 1.0)),
-                standby=bool(r.get("standby", False)),
-                pid=int(r.get("pid", 0)),
+    async def _maybe_compact(self) -> None:
+        """Every COMPACT_PERIOD, drop etcd's history older than the previous period (load
+        reports and map writes would otherwise grow it without bound)."""
+        now = time.monotonic()
+        if now < self._compact_next:
+            return
+        target, self._compact_rev = self._compact_rev, self.informer.revision
+        self._compact_next = now + COMPACT_PERIOD
+        if target > 0:
+            try:
+                await self.client.call("/kv/compaction", {"revision": str(target)})
+            except RpcError as e:
+                log.debug("compaction to %d: %s", target, e)
+
+    # -- the primary: stepping the rules --------------------------------------------------------
+    def _engine(self, cfg: dict[str, Any], snap: dict[str, Any] | None) -> CoordinatorState:
+        rules: dict[str, Any] = cfg.get("rules") or {}
+        failback = str(rules.get("failback", "immediate"))
+        ttl = float(cfg["lease_ttl"])
+        if snap is None:
+            s = CoordinatorState(
+                int(cfg["partitions"]), ttl, failback, clock=self.clock, new_id=self.new_id
             )
-            for mid, r in live.items()
-        }
-        dead: set[str] = set()
-        for p in range(n):
-            o = owners[p]
-            if o is not None and (o not in live or live[o]["incarnation"] != incs[p]):
-                dead.add(o)
-                owners[p] = None
-                epochs[p] += 1
-        state.partitions = [Partition(owner=owners[p], epoch=epochs[p]) for p in range(n)]
-        state.rebalance(0.0)
-        new_owners = [p.owner for p in state.partitions]
-        new_epochs = [p.epoch for p in state.partitions]
-        new_incs = [live[o]["incarnation"] if o is not None else None for o in new_owners]
-        # The lock managers' membership: its epoch changes exactly when the set of live
-        # servers does, and travels in the same document, so every agent agrees.  A new
-        # member's agent ignores the epochs published before it (cohort.dlm.agent).
-        old_dlm: dict[str, Any] = mp.get("dlm") or {"epoch": 0, "members": {}}
-        dlm_members = {
-            f"{r['id']}~{r['incarnation']}": r["address"]
-            for r in live.values()
-            if r["role"] == "server" and r.get("state", "alive") in ("alive", "draining")
-        }
-        dlm = old_dlm
-        if dlm_members != old_dlm.get("members"):
-            dlm = {"epoch": int(old_dlm.get("epoch", 0)) + 1, "members": dlm_members}
-        if (
-            mapkv is not None
-            and new_owners == mp["owners"]
-            and new_epochs == mp["epochs"]
-            and dlm is old_dlm
-        ):
+            s.cluster_id = str(cfg["cluster_id"])
+        else:
+            s = CoordinatorState.restore(snap, ttl, failback, clock=self.clock, new_id=self.new_id)
+            # etcd holds exactly what was published: continue its numbers, skip none
+            s.version = int(snap["version"])
+            s.membership_epoch = int(snap["membership_epoch"])
+            s.load_moves = int(snap.get("load_moves", 0))
+        s.load_policy = LoadPolicy(**(rules.get("load") or {}))
+        s.capacity_schedule = [CapacityRule.parse(r) for r in rules.get("capacity_schedule", [])]
+        return s
+
+    async def _load_rules(self, cfg: dict[str, Any]) -> CoordinatorState:
+        """The rule engine as etcd holds it: the state document, or (a cluster whose map
+        was written before the rules ran on etcd) one adopted from the map."""
+        _, _, resp = await self.client.txn([], [_range(self.state_key), _range(self.k("map"))])
+        skv, mkv = _kvs_of(resp, 0), _kvs_of(resp, 1)
+        self._state_rev = skv.mod_revision if skv else 0
+        self._map_rev = mkv.mod_revision if mkv else 0
+        # both are written in one transaction, the map under v/: once the informer has
+        # seen it, what it shows is at least as new as what the state document reflects
+        self._loaded_at = max(self._state_rev, self._map_rev)
+        self._answered, self._load_seen = {}, {}
+        s = self._engine(cfg, skv.doc() if skv else None)
+        self._written_version = s.version if skv else -1
+        self._events_sent = s.event_seq
+        if skv is None and mkv is not None:
+            self._adopt_map(s, mkv.doc())
+        return s
+
+    def _adopt_map(self, s: CoordinatorState, mp: dict[str, Any]) -> None:
+        """Continue a map without a state document: its owners and epochs, live members
+        whose incarnation it names keep their partitions, the others' get new epochs; the
+        lock managers' epoch goes on from the published one."""
+        now = time.monotonic()
+        n = s.partition_count
+        incs: list[str | None] = list(mp.get("incs") or [None] * n)
+        for rec in self._live_records(self.informer.kvs):
+            st = rec.get("state", "alive")
+            s.members[rec["id"]] = Member(
+                id=rec["id"],
+                role=rec["role"],
+                address=rec["address"],
+                incarnation=rec["incarnation"],
+                lease_expiry=now + s.lease_ttl,
+                state=st if st in ("alive", "draining") else "alive",
+                capacity=float(rec.get("capacity", 1.0)),
+                standby=bool(rec.get("standby", False)),
+                pid=int(rec.get("pid", 0)),
+                joined_at=float(rec.get("joined_at", 0.0)),
+                meta=rec.get("meta") or {},
+            )
+        for p, part in enumerate(s.partitions):
+            o = mp["owners"][p]
+            part.epoch = int(mp["epochs"][p])
+            m = s.members.get(o) if o is not None else None
+            if m is not None and m.incarnation == incs[p]:
+                part.owner = o
+            elif o is not None:
+                part.epoch += 1  # its owner is gone or restarted
+                part.home = o
+        dlm: dict[str, Any] = mp.get("dlm") or {"epoch": 0, "members": {}}
+        s.membership_epoch = int(dlm.get("epoch", 0))
+        if s.dlm_members() != dlm.get("members"):
+            s.membership_epoch += 1
+
+    def _live_records(self, kvs: dict[str, KV]) -> list[dict[str, Any]]:
+        """The records of the members whose lease exists, in the order they joined."""
+        pre = self.k("members/")
+        kvl = sorted((kv for key, kv in kvs.items() if key.startswith(pre)), key=_by_creation)
+        out = []
+        for kv in kvl:
+            with contextlib.suppress(ValueError, KeyError):
+                rec = kv.doc()
+                if {"id", "role", "address", "incarnation"} <= set(rec):
+                    out.append(rec)
+        return out
+
+    async def _step(self, my_rev: int) -> bool:
+        """One step of the rules as the primary: fold in what etcd shows (member keys
+        appearing and vanishing, operator requests, load reports, buckets), tick, and write
+        the result if it changed.  True if a write landed."""
+        cfg = await self.config()
+        if self.rules is None:
+            self.rules = await self._load_rules(cfg)
+        if self.informer.revision < self._loaded_at:
+            return False  # observe only what is at least as new as the state document
+        s = self.rules
+        now = time.monotonic()
+        kvs = self.informer.kvs
+        left = {}
+        for key, kv in kvs.items():
+            if key.startswith(self.k("roster/")):
+                with contextlib.suppress(ValueError, KeyError):
+                    r = kv.doc()
+                    if r.get("state") == "left":
+                        left[r["id"]] = r["incarnation"]
+        s.sync_members(now, self._live_records(kvs), left)
+        self._mirror_buckets(s, kvs)
+        answers = self._answer_requests(s, now)
+        self._take_load(s, now)
+        s.tick(now)
+        if s.version == self._written_version and not answers:
             return False
-        moved = sum(1 for p in range(n) if new_owners[p] != mp["owners"][p])
-        doc = {"owners": new_owners, "epochs": new_epochs, "incs": new_incs, "dlm": dlm}
-        ops = [_put(self.k("map"), doc)]
-        for d in sorted(dead):
-            ops.append(self._event_put("member-dead", f"{d} (lease expired or restarted)"))
-        if moved:
-            ops.append(self._event_put("rebalance", f"{moved} partitions assigned"))
-        ok, _, _ = await self.client.txn(
-            [
-                _cmp_create(self.k("primary"), my_rev),
-                _cmp_mod(self.k("map"), mapkv.mod_revision if mapkv else 0),
+        try:
+            ok = await self._write(s, my_rev, answers)
+        except BaseException:
+            self.rules = None  # unknown outcome: start again from what etcd holds
+            raise
+        if not ok:
+            self.rules = None  # someone else wrote: start again from what etcd holds
+        return ok
+
+    def _mirror_buckets(self, s: CoordinatorState, kvs: dict[str, KV]) -> None:
+        pre = self.k("buckets/")
+        want: dict[str, Bucket] = {}
+        for key, kv in kvs.items():
+            if key.startswith(pre):
+                with contextlib.suppress(ValueError, msgspec.ValidationError):
+                    b = msgspec.convert(kv.doc(), Bucket)
+                    want[b.name] = b
+        if want != s.buckets:
+            s.buckets = want  # the keys are the record (soft here: no version, no write)
+
+    def _answer_requests(
+        self, s: CoordinatorState, now: float
+    ) -> list[tuple[str, KV, dict[str, Any]]]:
+        answers: list[tuple[str, KV, dict[str, Any]]] = []
+        if not self.x_informer.loaded:
+            return answers
+        xk = self.x_informer.kvs
+        self._answered = {k: r for k, r in self._answered.items() if k in xk}
+        pre = self.xprefix + "req/"
+        for key, kv in sorted(xk.items(), key=lambda i: _by_creation(i[1])):
+            if not key.startswith(pre) or self._answered.get(key) == kv.mod_revision:
+                continue
+            try:
+                req = kv.doc()
+                if req.get("op") != "set_state":
+                    raise CoordinatorError("InvalidRequest", f"unknown request {req.get('op')!r}")
+                m = s.set_state(now, str(req["id"]), str(req["state"]))
+                res: dict[str, Any] = {"ok": True, "member": msgspec.to_builtins(m)}
+            except CoordinatorError as e:
+                res = {"ok": False, "code": e.code, "message": e.message}
+            except (ValueError, KeyError) as e:
+                res = {"ok": False, "code": "InvalidRequest", "message": str(e)}
+            answers.append((key, kv, res))
+            if len(answers) >= 20:
+                break
+        return answers
+
+    def _take_load(self, s: CoordinatorState, now: float) -> None:
+        """Feed every load record not yet taken in to the rules (each report once)."""
+        if not self.x_informer.loaded:
+            return
+        pre = self.xprefix + "load/"
+        for key, kv in self.x_informer.kvs.items():
+            if not key.startswith(pre) or self._load_seen.get(key) == kv.mod_revision:
+                continue
+            self._load_seen[key] = kv.mod_revision
+            mid = key[len(pre) :]
+            m = s.members.get(mid)
+            with contextlib.suppress(ValueError, KeyError, TypeError, IndexError):
+                doc = kv.doc()
+                if m is None or m.incarnation != doc.get("inc"):
+                    continue
+                if m.role != "server" or m.state not in ("alive", "draining"):
+                    continue
+                for rows in doc.get("reports") or []:
+                    s.report_load(now, mid, rows)
+
+    def _map_doc(self, s: CoordinatorState) -> dict[str, Any]:
+        """What the rules decided, published to everyone (v/map)."""
+        parts = s.partitions
+        return {
+            "owners": [p.owner for p in parts],
+            "epochs": [p.epoch for p in parts],
+            "incs": [
+                s.members[p.owner].incarnation if p.owner in s.members else None for p in parts
             ],
-            ops,
-        )
+            "homes": [p.home for p in parts],
+            "dlm": {"epoch": s.membership_epoch, "members": s.dlm_members()},
+            "members": {
+                m.id: {"inc": m.incarnation, "state": m.state, "standby": m.standby}
+                for m in s.members.values()
+            },
+            "load": {"moves": s.load_moves},
+        }
+
+    async def _write(
+        self, s: CoordinatorState, my_rev: int, answers: list[tuple[str, KV, dict[str, Any]]]
+    ) -> bool:
+        """One transaction, guarded by our primary key and the documents we continue: the
+        state document, the map, the answers to the requests taken in (each guarded: a
+        request whose lease ran out is not answered), and the new events."""
+        snap = s.snapshot()
+        snap["events"], snap["buckets"] = [], []  # events go to e/, buckets are their keys
+        snap["load_moves"] = s.load_moves
+        cmps = [
+            _cmp_create(self.k("primary"), my_rev),
+            _cmp_mod(self.state_key, self._state_rev),
+            _cmp_mod(self.k("map"), self._map_rev),
+        ]
+        ops = [_put(self.state_key, snap), _put(self.k("map"), self._map_doc(s))]
+        for key, kv, res in answers:
+            cmps.append(_cmp_mod(key, kv.mod_revision))
+            ops += [
+                _delete(key),
+                _put(self.xprefix + "res/" + key.rsplit("/", 1)[1], res, kv.lease),
+            ]
+        events = s.events_since(self._events_sent)
+        room = MAX_TXN_OPS - len(ops)
+        if len(events) > room:
+            log.info("primary: %d events not recorded (too many at once)", len(events) - room)
+            events = events[len(events) - room :]
+        ops += [self._event_put(e.kind, e.detail, e.time) for e in events]
+        ok, rev, _ = await self.client.txn(cmps, ops)
         if ok:
             self.primary_writes += 1
-            if dead:
-                log.info("primary: members gone %s; %d partitions reassigned", sorted(dead), moved)
+            self._state_rev = self._map_rev = rev
+            self._written_version = s.version
+            self._events_sent = s.event_seq
+            for key, kv, _res in answers:
+                self._answered[key] = kv.mod_revision
+            for e in events:
+                if e.kind in ("member-dead", "member-left", "rebalance", "load-rebalance"):
+                    log.info("primary: %s %s", e.kind, e.detail)
         return ok
 
     async def close(self) -> None:
@@ -1197,6 +1532,14 @@ class EtcdCoordinator:
             with contextlib.suppress(BaseException):
                 await asyncio.wait_for(self._primary_task, 5.0)
             self._primary_task = None
-        with contextlib.suppress(BaseException):
-            await asyncio.wait_for(self.informer.close(), 5.0)
+        for out in self._load_out.values():
+            if out.task is not None:
+                out.task.cancel()
+        for inf in (self.informer, self.x_informer):
+            with contextlib.suppress(BaseException):
+                await asyncio.wait_for(inf.close(), 5.0)
         await self.client.close()
+
+
+def _by_creation(kv: KV) -> int:
+    return kv.create_revision

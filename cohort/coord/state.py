@@ -341,6 +341,53 @@ class CoordinatorState:
         self.rebalance(now)
         return True
 
+    def sync_members(self, now: float, live: list[dict[str, Any]], left: dict[str, str]) -> None:
+        """Fold in a membership whose leases another system keeps (etcd).
+
+        ``live``: the records (``id role address incarnation capacity standby pid meta
+        joined_at``) of the members whose lease exists now, in the order they joined;
+        ``left``: member id -> the incarnation that left cleanly.  An incarnation the rules
+        have not seen joins (a new incarnation of a known id fences the old one out, as a
+        re-join does); a live incarnation no longer in ``live`` left (if in ``left``) or
+        lost its lease (:meth:`expire`); every one still live is renewed, so ``tick``
+        never expires a lease that still exists.
+        """
+        by_id = {r["id"]: r for r in live}
+        for m in list(self.members.values()):
+            if m.state in ("dead", "left") or m.id in by_id:
+                continue  # gone already, or live (a new incarnation: its join fences this)
+            if left.get(m.id) == m.incarnation:
+                self.leave(now, m.id, m.incarnation)
+            else:
+                self.expire(now, m.id, m.incarnation)
+        for r in live:
+            cur = self.members.get(r["id"])
+            if cur is not None and cur.incarnation == r["incarnation"]:
+                if cur.state in ("alive", "draining"):
+                    cur.lease_expiry = now + self.lease_ttl
+                continue
+            self.join(
+                now,
+                r["id"],
+                r["role"],
+                r["address"],
+                capacity=float(r.get("capacity", 1.0)),
+                standby=bool(r.get("standby", False)),
+                pid=int(r.get("pid", 0)),
+                meta=r.get("meta") or {},
+                incarnation=r["incarnation"],
+                joined_at=r.get("joined_at"),
+            )
+
+    def dlm_members(self) -> dict[str, str]:
+        """The lock managers' membership that ``membership_epoch`` numbers:
+        ``id~incarnation`` -> address of every live server."""
+        return {
+            f"{m.id}~{m.incarnation}": m.address
+            for m in self.members.values()
+            if m.role == "server" and m.state in ("alive", "draining")
+        }
+
     def _member_gone(self, m: Member, why: str) -> None:
         m.state = "dead" if why != "left" else "left"
         if m.role == "server":
@@ -369,6 +416,11 @@ class CoordinatorState:
         for m in self.members.values():
             if m.state in ("alive", "draining"):
                 m.lease_expiry = now + self.lease_ttl
+
+    def events_since(self, seq: int) -> list[Event]:
+        """The events appended after :attr:`event_seq` was ``seq`` (those still kept)."""
+        n = min(self.event_seq - seq, len(self.events))
+        return self.events[len(self.events) - n :] if n > 0 else []
 
     # -- assignment --------------------------------------------------------------------------
     def _failback_allowed(self) -> bool:

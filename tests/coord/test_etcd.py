@@ -65,10 +65,13 @@ async def test_two_primaries_never_both_write(etcd3: EtcdCluster) -> None:
             assert time.monotonic() < deadline
             await asyncio.sleep(0.05)
             v = await a.view()
-        # A zombie primary (it thinks it leads at revision 1, and its copy of the map is
-        # missing) computes a whole new map: its guarded write never lands.
-        other.informer.kvs.pop(other.k("map"), None)
-        assert await other._assign_once(my_rev=1) is False
+        # A zombie primary (it thinks it leads at revision 1, and its rules start from
+        # nothing) computes a whole new map: its guarded write never lands.
+        other.rules = other._engine(await other.config(), None)
+        other._loaded_at = other._state_rev = other._map_rev = 0
+        writes = other.primary_writes
+        assert await other._step(my_rev=1) is False
+        assert other.primary_writes == writes and other.rules is None
         assert (await a.view())["partitions"] == v["partitions"]
         # the primary dies (its task stops, its lease is revoked): the other takes over
         await leader.close()
