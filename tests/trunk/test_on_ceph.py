@@ -152,7 +152,6 @@ def on_rados(tmp_path: Path) -> Iterator[LocalCluster]:
     c.stop()
 
 
-@pytest.mark.slow
 def test_cohort_on_rados(on_rados: LocalCluster) -> None:
     c = on_rados
     spec = json.loads(c.cluster_json.read_text())["storage"]
@@ -229,7 +228,6 @@ def test_cohort_on_rados(on_rados: LocalCluster) -> None:
     assert c.ceph is ceph  # given to c2, so c2 did not stop it; c's stop() will
 
 
-@pytest.mark.slow
 def test_cohort_on_radosgw(tmp_path: Path) -> None:
     """The s3 backend against Ceph's radosgw: the same smoke test, and a restart."""
     c = start(tmp_path / "data", servers=2, ceph=True, storage="s3")
