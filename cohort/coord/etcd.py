@@ -16,9 +16,9 @@ Keys (``<ns>`` is the cluster namespace from the address, default ``default``)::
     /cohort/<ns>/v/locks/<pppp>    {id, inc, epoch} attached to the holder's lease
     /cohort/<ns>/v/buckets/<name>  {name, id, created, tenant}
     /cohort/<ns>/v/primary         the elected primary's name, attached to its lease
+    /cohort/<ns>/v/req/<rid>       an operator request (set_state), on a short lease
     /cohort/<ns>/s/state           the rule engine's state (CoordinatorState.snapshot), primary only
     /cohort/<ns>/x/load/<id>       a server's recent load reports, on its lease
-    /cohort/<ns>/x/req/<rid>       an operator request (set_state), on a short lease
     /cohort/<ns>/x/res/<rid>       the primary's answer to it, on the same lease
     /cohort/<ns>/e/<time>-<rand>   events (outside ``v/`` so they do not wake watchers)
 
@@ -1071,7 +1071,7 @@ class EtcdCoordinator:
         res_key = self.xprefix + f"res/{rid}"
         try:
             req = {"op": "set_state", "id": member_id, "state": state}
-            await self.client.txn([], [_put(self.xprefix + f"req/{rid}", req, lease)])
+            await self.client.txn([], [_put(self.k(f"req/{rid}"), req, lease)])
             deadline = time.monotonic() + timeout
             while True:
                 _, kv = await self.client.get(res_key)
@@ -1422,13 +1422,15 @@ class EtcdCoordinator:
     def _answer_requests(
         self, s: CoordinatorState, now: float
     ) -> list[tuple[str, KV, dict[str, Any]]]:
+        """Apply the operator requests not yet answered.  They live under ``v/``, so the
+        informer delivers them in order with the member keys: a request made after a
+        join is never judged by a copy that lacks the member."""
         answers: list[tuple[str, KV, dict[str, Any]]] = []
-        if not self.x_informer.loaded:
-            return answers
-        xk = self.x_informer.kvs
-        self._answered = {k: r for k, r in self._answered.items() if k in xk}
-        pre = self.xprefix + "req/"
-        for key, kv in sorted(xk.items(), key=lambda i: _by_creation(i[1])):
+        vk = self.informer.kvs
+        self._answered = {k: r for k, r in self._answered.items() if k in vk}
+        pre = self.k("req/")
+        reqs = [(key, kv) for key, kv in vk.items() if key.startswith(pre)]
+        for key, kv in sorted(reqs, key=lambda i: _by_creation(i[1])):
             if not key.startswith(pre) or self._answered.get(key) == kv.mod_revision:
                 continue
             try:
