@@ -107,7 +107,6 @@ from cohort.coord.state import (
     CoordinatorState,
     IdFactory,
     LoadPolicy,
-    Member,
     bucket_taken,
     check_failback,
     random_id,
@@ -1322,44 +1321,18 @@ class EtcdCoordinator:
         self._written_version = s.version if skv else -1
         self._events_sent = s.event_seq
         if skv is None and mkv is not None:
-            self._adopt_map(s, mkv.doc())
-        return s
-
-    def _adopt_map(self, s: CoordinatorState, mp: dict[str, Any]) -> None:
-        """Continue a map without a state document: its owners and epochs, live members
-        whose incarnation it names keep their partitions, the others' get new epochs; the
-        lock managers' epoch goes on from the published one."""
-        now = time.monotonic()
-        n = s.partition_count
-        incs: list[str | None] = list(mp.get("incs") or [None] * n)
-        for rec in self._live_records(self.informer.kvs):
-            st = rec.get("state", "alive")
-            s.members[rec["id"]] = Member(
-                id=rec["id"],
-                role=rec["role"],
-                address=rec["address"],
-                incarnation=rec["incarnation"],
-                lease_expiry=now + s.lease_ttl,
-                state=st if st in ("alive", "draining") else "alive",
-                capacity=float(rec.get("capacity", 1.0)),
-                standby=bool(rec.get("standby", False)),
-                pid=int(rec.get("pid", 0)),
-                joined_at=float(rec.get("joined_at", 0.0)),
-                meta=rec.get("meta") or {},
+            mp = mkv.doc()
+            dlm = mp.get("dlm") or {}
+            s.adopt(
+                time.monotonic(),
+                mp["owners"],
+                mp["epochs"],
+                mp.get("incs"),
+                self._live_records(self.informer.kvs),
+                int(dlm.get("epoch", 0)),
+                dlm.get("members") or {},
             )
-        for p, part in enumerate(s.partitions):
-            o = mp["owners"][p]
-            part.epoch = int(mp["epochs"][p])
-            m = s.members.get(o) if o is not None else None
-            if m is not None and m.incarnation == incs[p]:
-                part.owner = o
-            elif o is not None:
-                part.epoch += 1  # its owner is gone or restarted
-                part.home = o
-        dlm: dict[str, Any] = mp.get("dlm") or {"epoch": 0, "members": {}}
-        s.membership_epoch = int(dlm.get("epoch", 0))
-        if s.dlm_members() != dlm.get("members"):
-            s.membership_epoch += 1
+        return s
 
     def _live_records(self, kvs: dict[str, KV]) -> list[dict[str, Any]]:
         """The records of the members whose lease exists, in the order they joined."""

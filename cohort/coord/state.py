@@ -379,6 +379,52 @@ class CoordinatorState:
                 joined_at=r.get("joined_at"),
             )
 
+    def adopt(
+        self,
+        now: float,
+        owners: list[str | None],
+        epochs: list[int],
+        incs: list[str | None] | None,
+        live: list[dict[str, Any]],
+        membership_epoch: int,
+        published_members: dict[str, str],
+    ) -> None:
+        """Continue a partition map decided without this state (an etcd map written before
+        the rules ran there).  ``live`` members (records as for :meth:`sync_members`) are
+        taken as they are; a partition keeps its owner only if the map names that owner's
+        live incarnation, else it gets a new epoch (its owner is gone or restarted) and
+        is assigned at the next ``tick``; the lock managers' epoch goes on from the
+        published one, one more if its membership is not this one."""
+        for r in live:
+            st = r.get("state", "alive")
+            self.members[r["id"]] = Member(
+                id=r["id"],
+                role=r["role"],
+                address=r["address"],
+                incarnation=r["incarnation"],
+                lease_expiry=now + self.lease_ttl,
+                state=st if st in ("alive", "draining") else "alive",
+                capacity=float(r.get("capacity", 1.0)),
+                standby=bool(r.get("standby", False)),
+                pid=int(r.get("pid", 0)),
+                joined_at=float(r.get("joined_at", 0.0)),
+                meta=r.get("meta") or {},
+            )
+        for i, part in enumerate(self.partitions):
+            o = owners[i]
+            part.epoch = int(epochs[i])
+            m = self.members.get(o) if o is not None else None
+            if m is not None and incs is not None and m.incarnation == incs[i]:
+                part.owner = o
+            elif o is not None:
+                part.epoch += 1
+                part.home = o
+        self.membership_epoch = membership_epoch
+        if self.dlm_members() != published_members:
+            self.membership_epoch += 1
+        kept = sum(p.owner is not None for p in self.partitions)
+        self._changed("adopt", f"{kept} partitions kept their owners")
+
     def dlm_members(self) -> dict[str, str]:
         """The lock managers' membership that ``membership_epoch`` numbers:
         ``id~incarnation`` -> address of every live server."""
