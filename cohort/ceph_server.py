@@ -38,7 +38,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -49,6 +48,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlencode
+
+from cohort.daemons import free_port, stop_group, wait_for_termination
 
 CEPH_MON = os.environ.get("COHORT_CEPH_MON", "/usr/bin/ceph-mon")
 CEPH_OSD = os.environ.get("COHORT_CEPH_OSD", "/usr/bin/ceph-osd")
@@ -80,13 +81,6 @@ def ceph_available(rgw: bool = False) -> bool:
     if missing():
         return False
     return not rgw or (Path(RADOSGW).exists() and Path(RADOSGW_ADMIN).exists())
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 @dataclass
@@ -494,17 +488,8 @@ class CephCluster:
 
     @staticmethod
     def _stop_daemon(d: Daemon | None, timeout: float = 10.0) -> None:
-        if d is None or d.popen is None:
-            return
-        if d.popen.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(d.popen.pid, signal.SIGTERM)
-            try:
-                d.popen.wait(timeout)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(d.popen.pid, signal.SIGKILL)
-                d.popen.wait()
+        if d is not None:
+            stop_group(d.popen, timeout)
 
     def stop(self) -> None:
         """Stop radosgw, the OSDs, then the monitor (last); remove a temporary directory."""
@@ -551,10 +536,8 @@ def main(argv: list[str] | None = None) -> None:
         cr = c.s3_credentials
         print(f"S3 {c.s3_endpoint} {cr['access_key']} {cr['secret_key']}", flush=True)
     print(f"booted in {c.boot_seconds:.1f}s", flush=True)
-    sigs = {signal.SIGINT, signal.SIGTERM}
-    signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
     try:
-        signal.sigwait(sigs)
+        wait_for_termination()
     finally:
         c.stop()
 

@@ -29,12 +29,9 @@ user/password authentication (for tests of an etcd Cohort did not configure itse
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
-import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -46,6 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlencode
 
+from cohort.daemons import free_port, kill_group, stop_group, wait_for_termination
 from cohort.pki import CertificateAuthority, Issued, client_context, private_dir, write_private
 
 ETCD_BINARY = os.environ.get("COHORT_ETCD_BINARY", "/usr/bin/etcd")
@@ -64,13 +62,6 @@ def _binary() -> str:
             "etcd is not installed: `apt-get install etcd-server` (Debian) or set COHORT_ETCD_BINARY"
         )
     return found
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 @dataclass
@@ -450,23 +441,10 @@ class EtcdCluster:
         return p.read_bytes()[-n:].decode(errors="replace")
 
     def kill_member(self, i: int) -> None:
-        m = self.members[i]
-        if m.popen is not None and m.popen.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(m.popen.pid, signal.SIGKILL)
-            m.popen.wait()
+        kill_group(self.members[i].popen)
 
     def stop_member(self, i: int, timeout: float = 10.0) -> None:
-        m = self.members[i]
-        if m.popen is None:
-            return
-        if m.popen.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(m.popen.pid, signal.SIGTERM)
-            try:
-                m.popen.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.kill_member(i)
+        stop_group(self.members[i].popen, timeout)
 
     def restart(self, timeout: float = 30.0) -> None:
         """Stop every member and start them again on the same ports and data."""
@@ -520,10 +498,8 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     c = EtcdCluster(args.members, base_dir=args.data_dir, tls=not args.no_tls).start()
     print(f"READY {c.address()}", flush=True)
-    sigs = {signal.SIGINT, signal.SIGTERM}
-    signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
     try:
-        signal.sigwait(sigs)
+        wait_for_termination()
     finally:
         c.stop()
 
