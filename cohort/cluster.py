@@ -261,13 +261,35 @@ class LocalCluster:
         if self.etcd is not None:
             return str(
                 self.etcd.address(
-                    "cohort", partitions=self.partitions, lease_ttl=math.ceil(self.lease_ttl)
+                    "cohort",
+                    partitions=self.partitions,
+                    lease_ttl=math.ceil(self.lease_ttl),
+                    **self._etcd_rule_options(),
                 )
             )
         proxy = self.proxies.get("coordinator")
         if proxy is not None:
             return proxy.address
         return self.procs["coordinator"].address
+
+    def _etcd_rule_options(self) -> dict[str, str]:
+        """The embedded coordinator's rule flags as etcd address options (the etcd
+        primary applies the same rules: cohort.coord.etcd.rules_from_options)."""
+        opts: dict[str, str] = {}
+        if self.failback != "immediate":
+            opts["failback"] = self.failback
+        args, schedule = list(self.coordinator_args), []
+        while args:
+            flag = args.pop(0)
+            if flag == "--no-load-balance":
+                opts["load_balance"] = "0"
+            elif flag == "--capacity-schedule" and args:
+                schedule.append(args.pop(0))
+            elif flag.startswith("--load-") and args:
+                opts["load_" + flag[len("--load-") :].replace("-", "_")] = args.pop(0)
+        if schedule:
+            opts["capacity_schedule"] = ",".join(schedule)
+        return opts
 
     @property
     def coordinator_direct(self) -> str:
