@@ -2,7 +2,10 @@
 
 * ``"host:port"`` - the embedded coordinator process (:class:`~cohort.coord.client.RpcCoordinator`);
 * ``"etcd://h1:p1,h2:p2[/namespace][?lease_ttl=2&partitions=256&campaign=1]"`` - etcd
-  (:class:`~cohort.coord.etcd.EtcdCoordinator`).
+  (:class:`~cohort.coord.etcd.EtcdCoordinator`).  More options: TLS and credentials
+  (``ca``, ``cert``, ``key``, ``tls=1`` or ``etcds://``, ``user`` + ``password_file``) and
+  the rules' settings (``failback``, ``capacity_schedule``, ``load_balance=0``,
+  ``load_<field>``), see :mod:`cohort.coord.etcd`.
 """
 
 from __future__ import annotations
