@@ -84,6 +84,14 @@ def up(
         ),
     ] = False,
     ceph_osds: Annotated[int, typer.Option(help="OSDs of the --ceph Ceph (pool size ≤ 3).")] = 3,
+    coordinator: Annotated[
+        str,
+        typer.Option(
+            help="embedded (one SQLite process) or etcd (real etcd members started here, "
+            "with client-certificate TLS: the multi-machine mode on one box)."
+        ),
+    ] = "embedded",
+    etcd_members: Annotated[int, typer.Option(help="etcd members, with --coordinator etcd.")] = 3,
 ) -> None:
     """Start a whole local cluster: coordinator, servers and a director (Ctrl-C stops it)."""
     from cohort.cluster import LocalCluster
@@ -98,9 +106,15 @@ def up(
             f"--storage {storage} needs a whole URL, or --ceph to start a Ceph here",
             "e.g. --storage 'rados://cohort?conf=/etc/ceph/ceph.conf', or add --ceph",
         )
+    if coordinator not in ("embedded", "etcd"):
+        fail(f"unknown coordinator {coordinator!r}", "use --coordinator embedded or etcd")
+    if coordinator == "etcd" and not 1 <= etcd_members <= 7:
+        fail(f"--etcd-members {etcd_members}: use 1 to 7 (odd numbers keep a majority)")
     try:
         cluster = LocalCluster(
             data_dir,
+            coordinator=coordinator,
+            etcd_members=etcd_members,
             port=port,
             servers=servers,
             partitions=partitions,

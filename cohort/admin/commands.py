@@ -239,11 +239,45 @@ def _ranges(parts: list[int]) -> str:
 
 
 # ---------------------------------------------------------------------------------- status
+async def etcd_health(address: str) -> list[dict[str, Any]]:
+    """Each etcd endpoint of ``address``: reachable, leader, raft term and index, db size."""
+    from cohort.coord.etcd import EtcdClient, parse_address
+
+    endpoints, _ns, opts = parse_address(address)
+    client = EtcdClient.from_options(endpoints, opts)
+    out: list[dict[str, Any]] = []
+    try:
+        for i, ep in enumerate(endpoints):
+            t0 = time.monotonic()
+            try:
+                st = await client.call_one(i, "/maintenance/status", {}, timeout=1.0)
+            except Exception as e:  # any failure is "not healthy", with what it was
+                out.append({"endpoint": ep, "healthy": False, "error": str(e)[:200]})
+                continue
+            member = str(st.get("header", {}).get("member_id", ""))
+            out.append(
+                {
+                    "endpoint": ep,
+                    "healthy": True,
+                    "latency_ms": round((time.monotonic() - t0) * 1000, 2),
+                    "leader": str(st.get("leader", "")) == member,
+                    "raft_term": int(st.get("raftTerm", 0)),
+                    "raft_index": int(st.get("raftIndex", 0)),
+                    "db_bytes": int(st.get("dbSize", 0)),
+                    "version": st.get("version", ""),
+                }
+            )
+    finally:
+        await client.close()
+    return out
+
+
 async def _status_doc(address: str, storage: str | None) -> dict[str, Any]:
     async with Session(address) as s:
         t0 = time.monotonic()
         view = await s.view()
         latency = time.monotonic() - t0
+    etcd = await etcd_health(address) if address.startswith("etcd") else []
     owners = Counter(p[0] for p in view["partitions"])
     held = Counter(p[2] for p in view["partitions"])
     live = [
@@ -300,6 +334,11 @@ async def _status_doc(address: str, storage: str | None) -> dict[str, Any]:
             reasons.append(f"{m['id']} is draining ({m['partitions']} partitions left)")
     if not [m for m in directors if m["state"] == "alive"]:
         reasons.append("no live directors")
+    for e in etcd:
+        if not e["healthy"]:
+            reasons.append(f"etcd member {e['endpoint']} does not answer")
+    if etcd and not any(e.get("leader") for e in etcd):
+        reasons.append("no etcd member reports itself leader")
     if not alive_servers or unassigned == n_parts:
         verdict = "down"
     elif reasons:
@@ -334,6 +373,7 @@ async def _status_doc(address: str, storage: str | None) -> dict[str, Any]:
         "moving_partitions": moving,
         "buckets": len(view["buckets"]),
         "members": members,
+        "etcd": etcd,
     }
 
 
@@ -365,6 +405,15 @@ def status(
         f"{lay['servers']['dead']} dead   [bold]storage[/] {lay['storage']['path'] or '(shared)'}",
         highlight=False,
     )
+    for e in doc["etcd"]:
+        if e["healthy"]:
+            console.print(
+                f"[bold]etcd[/] {e['endpoint']}  {'leader' if e['leader'] else 'follower'}  "
+                f"term {e['raft_term']}  index {e['raft_index']}  {e['latency_ms']:.1f} ms",
+                highlight=False,
+            )
+        else:
+            console.print(f"[bold]etcd[/] {e['endpoint']}  [red]unreachable[/]: {e['error']}")
     t = Table(show_edge=False)
     widths = {
         "id": max([len(m["id"]) for m in doc["members"]] + [2]),
