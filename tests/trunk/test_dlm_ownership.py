@@ -1,12 +1,14 @@
 """Partition ownership runs on the distributed lock manager: every served partition is an
 EX lock on ``partition/<p>`` held by its server, hand-overs travel as blocking
 notifications, and in steady state the lock traffic falls to zero (seed 000: sharing is
-kept off the hot path)."""
+kept off the hot path).  Every test runs on both coordinator backends: on etcd the elected
+primary publishes the lock managers' membership, and the same figures must hold."""
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -14,8 +16,25 @@ import pytest
 from cohort.auth import tenant_credential
 from cohort.cluster import LocalCluster
 from cohort.coord import connect
+from cohort.etcd_server import etcd_available
 from cohort.rpc import ClientPool
-from tests.conftest import cluster_ready, s3_client, wait_for
+from tests.conftest import cluster_ready, s3_client, start_cluster, wait_for
+
+_ETCD = [
+    pytest.mark.etcd,
+    pytest.mark.skipif(not etcd_available(), reason="etcd is not installed (etcd-server)"),
+]
+
+
+@pytest.fixture(scope="module", params=["embedded", pytest.param("etcd", marks=_ETCD)])
+def cluster(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[LocalCluster]:
+    c = start_cluster(
+        tmp_path_factory.mktemp(f"dlm-{request.param}"), coordinator=request.param, lease_ttl=2
+    )
+    yield c
+    c.stop()
 
 
 def dlm_status(cluster: LocalCluster) -> dict[str, dict[str, Any]]:
