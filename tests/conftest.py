@@ -52,6 +52,28 @@ def cluster_ready(cluster: LocalCluster) -> bool:
     return all(p[0] is not None and p[0] == p[2] for p in cluster.view()["partitions"])
 
 
+def dlm_status(cluster: LocalCluster) -> dict[str, dict[str, Any]]:
+    """Every live server's ``status``, with its lock agent's ``dlm.status`` as ``dlm``."""
+    import asyncio
+
+    from cohort.rpc import ClientPool
+
+    async def get() -> dict[str, dict[str, Any]]:
+        pool = ClientPool(cluster.credential())
+        try:
+            out = {}
+            for pid, p in cluster.procs.items():
+                if p.role == "server" and p.alive():
+                    st = await pool.get(p.address).call("status", None, timeout=3)
+                    dlm = await pool.get(p.address).call("dlm.status", None, timeout=3)
+                    out[pid] = {**st, "dlm": dlm}
+            return out
+        finally:
+            await pool.close()
+
+    return asyncio.run(get())
+
+
 def start_cluster(tmp: Path, **kw: Any) -> LocalCluster:
     kw.setdefault("port", 0)
     kw.setdefault("partitions", 64)

@@ -22,7 +22,7 @@ from cohort.dlm.client import DlmClient
 from cohort.dlm.errors import NotQueued
 from cohort.etcd_server import etcd_available
 from cohort.rpc import RpcError
-from tests.conftest import cluster_ready, wait_for
+from tests.conftest import cluster_ready, dlm_status, wait_for
 
 pytestmark = [
     pytest.mark.etcd,
@@ -71,30 +71,11 @@ def test_locks_exclude_each_other_across_servers(tmp_path: Path) -> None:
         asyncio.run(scenario())
 
 
-def _dlm_views(cluster: LocalCluster) -> dict[str, dict[str, Any]]:
-    from cohort.rpc import ClientPool
-
-    async def get() -> dict[str, dict[str, Any]]:
-        pool = ClientPool(cluster.credential())
-        try:
-            out = {}
-            for pid, p in cluster.procs.items():
-                if p.role == "server" and p.alive():
-                    st = await pool.get(p.address).call("status", None, timeout=3)
-                    dlm = await pool.get(p.address).call("dlm.status", None, timeout=3)
-                    out[pid] = {"serving": st["serving"], "dlm": dlm}
-            return out
-        finally:
-            await pool.close()
-
-    return asyncio.run(get())
-
-
 def _all_under_dlm(cluster: LocalCluster) -> bool:
     """Every partition is served by its owner under its DLM lock (not the fallback)."""
     if not cluster_ready(cluster):
         return False
-    views = _dlm_views(cluster)
+    views = dlm_status(cluster)
     for v in views.values():
         if v["dlm"].get("fenced") or set(map(str, v["serving"])) != set(
             v["dlm"]["partition_locks"]

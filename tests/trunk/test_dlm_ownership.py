@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
 
@@ -17,8 +16,7 @@ from cohort.auth import tenant_credential
 from cohort.cluster import LocalCluster
 from cohort.coord import connect
 from cohort.etcd_server import etcd_available
-from cohort.rpc import ClientPool
-from tests.conftest import cluster_ready, s3_client, start_cluster, wait_for
+from tests.conftest import cluster_ready, dlm_status, s3_client, start_cluster, wait_for
 
 _ETCD = [
     pytest.mark.etcd,
@@ -35,22 +33,6 @@ def cluster(
     )
     yield c
     c.stop()
-
-
-def dlm_status(cluster: LocalCluster) -> dict[str, dict[str, Any]]:
-    async def get() -> dict[str, dict[str, Any]]:
-        pool = ClientPool(cluster.credential())
-        try:
-            out = {}
-            for pid, p in cluster.procs.items():
-                if p.role == "server" and p.alive():
-                    st = await pool.get(p.address).call("status", None)
-                    out[pid] = {**st, "dlm": await pool.get(p.address).call("dlm.status", None)}
-            return out
-        finally:
-            await pool.close()
-
-    return asyncio.run(get())
 
 
 def messages(cluster: LocalCluster) -> int:
