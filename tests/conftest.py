@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 
 from cohort.cluster import LocalCluster
+from cohort.s3.sigv4 import sign_request
 
 
 def wait_for(
@@ -72,6 +75,32 @@ def dlm_status(cluster: LocalCluster) -> dict[str, dict[str, Any]]:
             await pool.close()
 
     return asyncio.run(get())
+
+
+def signed(
+    cluster: LocalCluster,
+    method: str,
+    path: str,
+    body: bytes = b"",
+    headers: dict[str, str] | None = None,
+    secret: str | None = None,
+) -> requests.Response:
+    """A SigV4-signed raw HTTP request to the cluster's S3 endpoint (``secret``: sign
+    with another secret, to test refusals)."""
+    url = cluster.s3_endpoint + path
+    h = dict(headers or {})
+    h.update(
+        sign_request(
+            method,
+            url,
+            h,
+            hashlib.sha256(body).hexdigest(),
+            cluster.creds["access_key"],
+            secret or cluster.creds["secret_key"],
+            "us-east-1",
+        )
+    )
+    return requests.request(method, url, data=body, headers=h, timeout=10)
 
 
 def start_cluster(tmp: Path, **kw: Any) -> LocalCluster:

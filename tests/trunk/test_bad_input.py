@@ -13,30 +13,7 @@ from botocore.exceptions import ClientError
 
 from cohort.cluster import LocalCluster
 from cohort.s3.sigv4 import sign_request
-
-
-def signed(
-    cluster: LocalCluster,
-    method: str,
-    path: str,
-    body: bytes = b"",
-    headers: dict[str, str] | None = None,
-    secret: str | None = None,
-) -> requests.Response:
-    url = cluster.s3_endpoint + path
-    h = dict(headers or {})
-    h.update(
-        sign_request(
-            method,
-            url,
-            h,
-            hashlib.sha256(body).hexdigest(),
-            cluster.creds["access_key"],
-            secret or cluster.creds["secret_key"],
-            "us-east-1",
-        )
-    )
-    return requests.request(method, url, data=body, headers=h, timeout=10)
+from tests.conftest import signed
 
 
 def error_code(resp: requests.Response) -> str:

@@ -27,7 +27,7 @@ from cohort.admin.web import LoginThrottle
 from cohort.cluster import LocalCluster
 from cohort.s3.sigv2 import presign_url_v2
 from cohort.s3.sigv4 import STREAMING_UNSIGNED_TRAILER, UNSIGNED_PAYLOAD, sign_request
-from tests.conftest import start_cluster
+from tests.conftest import signed, start_cluster
 
 HEADER_TIMEOUT = 2.0
 GIB = 1024**3
@@ -120,29 +120,6 @@ def signed_head(
     lines = [f"{method} {path} HTTP/1.1", f"Host: {host}:{port}"]
     lines += [f"{k}: {v}" for k, v in h.items() if k.lower() != "host"]
     return ("\r\n".join(lines) + "\r\n\r\n").encode()
-
-
-def signed(
-    cluster: LocalCluster,
-    method: str,
-    path: str,
-    body: bytes = b"",
-    headers: dict[str, str] | None = None,
-) -> requests.Response:
-    url = cluster.s3_endpoint + path
-    h = dict(headers or {})
-    h.update(
-        sign_request(
-            method,
-            url,
-            h,
-            hashlib.sha256(body).hexdigest(),
-            cluster.creds["access_key"],
-            cluster.creds["secret_key"],
-            "us-east-1",
-        )
-    )
-    return requests.request(method, url, data=body, headers=h, timeout=10)
 
 
 def still_fine(s3: Any) -> None:
