@@ -443,6 +443,12 @@ class RadosStore:
         return out
 
     async def get(self, key: str) -> bytes:
+        value, _etag = await self.get_with_etag(key)
+        return value
+
+    async def get_with_etag(self, key: str) -> tuple[bytes, str]:
+        """Value and etag of one version, read atomically (stripes are named by the
+        version's etag, and a head that changed under the read starts it over)."""
         self.check_key(key)
         for _attempt in range(20):
             rc, data = await self.ops.read(key, HEADER_SIZE + self.stripe, 0)
@@ -452,7 +458,7 @@ class RadosStore:
             h = _parse_header(key, data)
             head = data[HEADER_SIZE:]
             if not h.striped:
-                return head[: h.size]
+                return head[: h.size], h.etag.hex()
             if h.stripe > self.stripe and len(head) < min(h.size, h.stripe):
                 rc, data = await self.ops.read(key, HEADER_SIZE + h.stripe, 0)
                 _check(rc, f"read {key}")
@@ -462,7 +468,7 @@ class RadosStore:
             rest = await self._read_stripes(key, h, 1, h.n_stripes, h.stripe, h.size)
             if rest is None:
                 continue
-            return b"".join([head, *rest])
+            return b"".join([head, *rest]), h.etag.hex()
         raise StoreError(f"{key}: value kept changing while it was read")
 
     async def read_range(self, key: str, start: int, length: int) -> bytes:
@@ -517,22 +523,6 @@ class RadosStore:
         if h is None:
             raise NotFound(key)
         return h.etag.hex()
-
-    async def get_with_etag(self, key: str) -> tuple[bytes, str]:
-        """Value and etag read atomically (small values: one read)."""
-        self.check_key(key)
-        for _attempt in range(20):
-            rc, data = await self.ops.read(key, HEADER_SIZE + self.stripe, 0)
-            if rc == -ENOENT:
-                raise NotFound(key)
-            _check(rc, f"read {key}")
-            h = _parse_header(key, data)
-            if not h.striped:
-                return data[HEADER_SIZE : HEADER_SIZE + h.size], h.etag.hex()
-            value = await self.get(key)
-            if (await self.etag(key)) == h.etag.hex():
-                return value, h.etag.hex()
-        raise StoreError(f"{key}: value kept changing while it was read")
 
     # -- writes --------------------------------------------------------------------------
     async def _write_stripe(self, key: str, etag: bytes, n: int, data: bytes) -> None:
