@@ -478,12 +478,11 @@ class Server:
             for m in view["members"]
             if m["role"] == "server" and m["state"] in ("alive", "draining")
         }
-        if self.dlm_node not in members and self._dlm_epoch < 0:
-            # published before our join reached the member list (etcd's primary adds
-            # us a moment later): not a membership of ours yet
-            return
-        self._dlm_epoch = epoch
         self.agent.set_membership(int(epoch), members)
+        # the agent decides whether the epoch is ours (it ignores memberships from before
+        # it was first named, e.g. etcd's primary adds us a moment after our join)
+        if self.agent.epoch == epoch:
+            self._dlm_epoch = epoch
 
     async def _lock_partition(self, p: int) -> Handle | None:
         """Take ``partition/p`` in EX from the DLM.  The holder in our way gets a blocking
