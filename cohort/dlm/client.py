@@ -18,7 +18,7 @@ the cluster (its own processes) lock names as given.
 
 Client side: :class:`DlmClient`::
 
-    client = DlmClient("127.0.0.1:7000")
+    client = DlmClient("127.0.0.1:7000", tenant_credential(access_key, secret_key))
     async with client.lock("jobs/42", "EX", timeout=5) as h:
         ...  # h.token, h.value, h.set_value(), await h.convert("PR")
     await client.close()
